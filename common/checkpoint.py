@@ -87,7 +87,7 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, scaler=None,
     }, path)
 
 
-def _load_file(path, map_location="cpu"):
+def read_checkpoint(path, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -126,7 +126,7 @@ def check_state_dict(model, state, where):
 
 def load_checkpoint(path, *, model, optimizer=None, scheduler=None, scaler=None, map_location="cpu",
                     restore_rng=True):
-    ckpt = _load_file(path, map_location)
+    ckpt = read_checkpoint(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint of this toolkit (no 'model' key)")
     if isinstance(model, dict):
