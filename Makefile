@@ -8,10 +8,12 @@ MAX_JOBS ?= 2
 export MAX_JOBS
 VAR ?= 0.020
 SEEDS ?= 0
+DEMO_SEEDS ?= 0 1 2
 VARS ?= 0.020 0.025 0.030 0.035 0.040 0.045 0.050
 PYTEST_ARGS ?=
 
-.PHONY: venv build build-cpu build-cuda-check test test-slow test-cuda run_cmnist sweep_cmnist bench clean
+.PHONY: venv build build-cpu build-cuda-check test test-slow test-cuda run_cmnist sweep_cmnist bench clean gpu-check \
+	run_albar_demo bench_albar run_actionmae_demo run_uas_demo run_brl_demo run_brl_ablation bench_brl bench_actionmae bench_uas
 
 venv: $(STAMP)
 
@@ -52,10 +54,45 @@ run_cmnist: venv
 sweep_cmnist: venv
 	@for v in $(VARS); do $(MAKE) --no-print-directory run_cmnist VAR=$$v SEEDS="$(SEEDS)" || exit 1; done
 
+# ActionMAE: full-modal baseline, dropout-only control and ActionMAE on the synthetic multi-modal benchmark
+run_actionmae_demo: venv
+	$(PY) train_actionmae.py demo --output-dir runs/actionmae_demo --seeds $(DEMO_SEEDS)
+
+# ALBAR: baseline vs ALBAR (3 seeds) on a synthetic background-biased video benchmark (PyAV mp4 files)
+run_albar_demo: build-cpu
+	$(PY) train_albar.py demo --output-dir runs/albar_demo
+
+# BRL: CE baseline vs full BRL (3 seeds) on synthetic long-tailed PYSKL skeletons; the ablation adds aa and mixup
+run_brl_demo: build-cpu
+	OMP_NUM_THREADS=1 $(PY) train_brl.py demo --output-dir runs/brl_demo
+
+run_brl_ablation: build-cpu
+	OMP_NUM_THREADS=1 $(PY) train_brl.py demo --output-dir runs/brl_ablation --methods ce aa mixup brl
+
+# Universal Action Space: linear probe vs LoRA on a reduced Swin3D, synthetic behaviour clips
+run_uas_demo: build-cpu
+	$(PY) train_uas.py demo --output-dir runs/uas_demo
+
 bench: build
 	$(PY) bench/ops.py
+
+bench_albar: build
+	$(PY) bench/albar_step.py --device cpu --batch-size 2 --threads 2
+
+bench_brl: build
+	$(PY) bench/brl_step.py --out bench/results/brl_step.json
+
+bench_actionmae: build
+	$(PY) bench/actionmae_step.py --out bench/results/actionmae_step_$(if $(CUDA),cuda,cpu).json
+
+bench_uas: build
+	$(PY) bench/uas_step.py --batch 1 --frames 16 --size 112 --threads 1 --out bench/results/uas_step_cpu_b1x16x112.json
 
 clean:
 	rm -rf build .pytest_cache robust_action.egg-info
 	find common -name '_C*.so' -delete
 	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# on a machine with a GPU: build in place, run the CUDA tests and the op benchmarks, JSON under $$OUT
+gpu-check:
+	bash bench/gpu_check.sh

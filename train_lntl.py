@@ -83,7 +83,9 @@ def build_parser():
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--lr-decay-rate", type=float, default=0.1)
-    g.add_argument("--lr-decay-period", type=int, default=40)
+    g.add_argument("--lr-decay-period", type=int, default=40, help="epochs between lr decays (0 = none)")
+    g.add_argument("--unlearn-decay-period", type=int, default=-1,
+                   help="decay period of the unlearning phase (-1 = --lr-decay-period, 0 = none)")
     g.add_argument("--lambda-ent", type=float, default=0.01, help="weight of the negative-entropy term")
     g.add_argument("--mu", type=float, default=1.0, help="weight of the bias-prediction loss")
     g.add_argument("--grl", type=float, default=0.1, help="gradient reversal factor gamma")
@@ -95,7 +97,7 @@ def build_parser():
     return p
 
 
-SMALL_DATA = {"grl": 1.0, "unlearn_epochs": 20, "lr_decay_period": 1000}
+SMALL_DATA = {"grl": 1.0, "unlearn_epochs": 20, "unlearn_decay_period": 0}
 
 
 def resolve_args(argv=None):
@@ -587,8 +589,8 @@ def bias_loss(logits_list, targets):
 
 # =============================================================================== training
 
-def lr_at(base, epoch, args):
-    return base * args.lr_decay_rate ** (epoch // args.lr_decay_period)
+def lr_at(base, epoch, args, period):
+    return base * args.lr_decay_rate ** (epoch // period) if period > 0 else base
 
 
 def set_lr(optimizers, lr):
@@ -812,6 +814,7 @@ def run_phase(phase, args, data, net, device, out, log):
     unlearn = phase == "unlearn"
     epochs = args.unlearn_epochs if unlearn else args.epochs
     base_lr = args.lr_unlearn if unlearn else args.lr
+    period = args.unlearn_decay_period if unlearn and args.unlearn_decay_period >= 0 else args.lr_decay_period
     heads = make_heads(args, data["feat_ch"], data["n_bias_heads"], data["n_bias"]).to(device) if unlearn else None
     opt_fg = sgd(net.parameters(), base_lr, args)
     opt_h = [sgd(h.parameters(), base_lr, args) for h in heads] if unlearn else []
@@ -836,7 +839,7 @@ def run_phase(phase, args, data, net, device, out, log):
     for epoch in range(start, epochs):
         t0 = time.time()
         if not (unlearn and args.load_optim_state and epoch == 0 and resume is None):
-            set_lr([opt_fg, *opt_h], lr_at(base_lr, epoch, args))
+            set_lr([opt_fg, *opt_h], lr_at(base_lr, epoch, args, period))
         set_epoch(data["train"], epoch)
         if unlearn:
             stats = train_unlearn_epoch(net, heads, data["train"], opt_fg, opt_h, device, args)
