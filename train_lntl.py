@@ -866,7 +866,6 @@ def run_phase(phase, args, data, net, device, out, log):
     if last is None or start >= epochs:
         last = evaluate(net, heads, data["test"], device, data["num_classes"], args.amp)
     last["test_acc_ep90"] = test_acc_ep90
-    last["heads"] = heads
     last["opt_state"] = opt_fg.state_dict()
     return last
 
