@@ -13,7 +13,7 @@ VARS ?= 0.020 0.025 0.030 0.035 0.040 0.045 0.050
 PYTEST_ARGS ?=
 
 .PHONY: venv build build-cpu build-cuda-check test test-slow test-cuda run_cmnist sweep_cmnist bench clean gpu-check \
-	run_albar_demo bench_albar run_actionmae_demo run_uas_demo run_brl_demo run_brl_ablation bench_brl bench_actionmae bench_uas
+	run_albar_demo bench_albar run_actionmae_demo run_uas_demo run_brl_demo run_brl_ablation bench_brl bench_actionmae bench_uas bench_share
 
 venv: $(STAMP)
 
@@ -87,6 +87,11 @@ bench_actionmae: build
 
 bench_uas: build
 	$(PY) bench/uas_step.py --batch 1 --frames 16 --size 112 --threads 1 --out bench/results/uas_step_cpu_b1x16x112.json
+
+# whole-step share of the fused ops (kernels.md §7): CPU = small shapes, one thread; CUDA=1 = real shapes + compile
+bench_share: build
+	$(PY) bench/step_share.py $(if $(CUDA),--device cuda --compile,--device cpu --threads 1 --warmup 2 --iters 5) \
+		--out bench/results/step_share_$(if $(CUDA),cuda,cpu).json
 
 clean:
 	rm -rf build .pytest_cache robust_action.egg-info
