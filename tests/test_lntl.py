@@ -205,7 +205,7 @@ def test_unlearning_updates_follow_the_spec(tmp_path):
 
 def test_recipe_and_official_flags(tmp_path):
     a = _args(tmp_path, "--recipe", "small-data")
-    assert (a.grl, a.unlearn_epochs, a.unlearn_decay_period, a.lr_decay_period) == (1.0, 20, 0, 40)
+    assert (a.epochs, a.grl, a.unlearn_epochs, a.unlearn_decay_period, a.lr_decay_period) == (60, 1.0, 20, 0, 40)
     assert L.lr_at(0.01, 85, a, 40) == pytest.approx(1e-4) and L.lr_at(0.001, 85, a, 0) == 0.001
     b = _args(tmp_path, "--recipe", "small-data", "--grl", "0.5")
     assert b.grl == 0.5                              # explicit flag wins over the recipe
