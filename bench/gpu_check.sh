@@ -4,6 +4,7 @@
 #   build.log, build_seconds.txt   in-place build of common._C with the CUDA kernels
 #   test_cuda.log                  pytest tests/test_ops.py -k cuda (incl. the slow >2^31 test)
 #   ops_cuda.json, bench.log       bench/ops.py at the spec's realistic shapes
+#   step_share_cuda.json           bench/step_share.py: step time and op share per method (real shapes)
 # Usage: bash bench/gpu_check.sh            (PY=python3 by default; MAX_JOBS=8; TORCH_CUDA_ARCH_LIST=9.0)
 set -u
 PY=${PY:-python3}
@@ -24,3 +25,7 @@ tail -5 "$OUT/test_cuda.log"
 timeout 600 $PY bench/ops.py --device cuda --out "$OUT/ops_cuda.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/bench.log"
 tail -60 "$OUT/bench.log"
+# whole-step share (kernels.md §7), eager only to fit the device budget; `--compile` adds the compiled rows
+timeout 300 $PY bench/step_share.py --device cuda --amp --out "$OUT/step_share_cuda.json" > "$OUT/step_share.log" 2>&1
+echo "step_share rc=$?" >> "$OUT/step_share.log"
+tail -15 "$OUT/step_share.log"

@@ -6,6 +6,7 @@
 // fp32 partials over fixed row chunks, then a fixed-order sum (no float atomics).
 // Graphs whose A does not fit in shared memory (K*V*W too large) use an internal GEMM (the named
 // exception in specs/kernels.md §3).
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 #include "../checks.h"
 #include "common.cuh"
@@ -181,6 +182,8 @@ unsigned int grid_x_tiles(int64_t tiles, int64_t N) {
 
 // internal-GEMM exception for graphs too large for shared memory
 at::Tensor ga_forward_gemm(const at::Tensor& x, const at::Tensor& A) {
+  // run in fp32/fp64 even when the caller is under autocast (the fused path never downcasts either)
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto cd = (x.scalar_type() == at::kDouble || A.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
   const int64_t N = x.size(0), K = x.size(1), C = x.size(2), T = x.size(3), V = x.size(4), W = A.size(-1);
   auto xc = x.to(cd).permute({0, 2, 3, 1, 4}).reshape({N, C * T, K * V});
@@ -256,7 +259,8 @@ at::Tensor graph_aggregate_grad_x_cuda(const at::Tensor& g, const at::Tensor& A_
     launched = true;
   });
   if (launched) return dx;
-  // internal-GEMM exception: dX[n,k] = g[n] (CT x W) @ A[k]^T
+  // internal-GEMM exception: dX[n,k] = g[n] (CT x W) @ A[k]^T, in fp32/fp64 even under autocast
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   auto cd = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto g3 = g.to(cd).reshape({N, 1, C * T, W});
   auto At = A.to(cd).transpose(-1, -2);  // (K,W,V) or (N,K,W,V)
