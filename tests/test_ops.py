@@ -692,6 +692,23 @@ def test_cuda_grads_match_reference_and_are_deterministic():
 
 
 @needs_cuda
+def test_cuda_large_graph_fallback_stays_fp32_under_autocast():
+    # K*V*W does not fit in shared memory -> the internal-GEMM exception. Under autocast x is cast to
+    # bf16 (the API contract), but A and the accumulation must stay fp32 like the fused path: the
+    # bf16 output then equals the fp32 reference rounded once (a bf16 GEMM would round A too and
+    # miss on a large fraction of the elements).
+    x, A = graph_inputs(2, 3, 4, 8, 200, 200, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = ops.graph_aggregate(x, A)
+        g = randn(*y.shape, device="cuda", dtype=torch.bfloat16)
+        dx = torch.ops.rar.graph_aggregate_grad_x(g, A)
+    expect = ref.graph_aggregate(x.to(torch.bfloat16), A)
+    assert y.dtype == torch.bfloat16 and (y != expect).float().mean() < 0.01
+    expect_dx = torch.einsum("nctw,kvw->nkctv", g.float(), A).to(torch.bfloat16)
+    assert (dx != expect_dx).float().mean() < 0.01
+
+
+@needs_cuda
 def test_cuda_opcheck_compile_stream_graph_and_nan_poison():
     for op, args in opcheck_samples("cuda"):
         torch.library.opcheck(op, args)
