@@ -1037,6 +1037,8 @@ def demo_parser():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-train", type=int, default=3750, help="train videos before the 20%% val hold-out")
     p.add_argument("--num-test", type=int, default=500)
+    p.add_argument("--arch", default="cnn3d", choices=["cnn3d", "swin3d_tiny_test"],
+                   help="demo model: the small 3D CNN or a reduced swin3d (1 block per stage, width 24)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--methods", nargs="+", default=["baseline", "albar"], choices=["baseline", "albar", "albar_no_gp"])
@@ -1054,7 +1056,7 @@ def _demo_run(job):
     method, seed, data, a = job
     torch.set_num_threads(a.threads)
     flags = ["--dataset", "list", "--data-root", str(data), "--train-list", "train.txt", "--test-list", "test.txt",
-             "--bias-root", "bias", "--bias-prefix", "SYNTH", "--arch", "cnn3d", "--num-frames", "8",
+             "--bias-root", "bias", "--bias-prefix", "SYNTH", "--arch", a.arch, "--num-frames", "8",
              "--frame-stride", "1", "--short-side", "32", "--crop", "28", "--train-crop", "random",
              "--hflip-prob", "0", "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
              "--limit-train-batches", str(a.steps_per_epoch), "--lr", str(a.lr), "--warmup-epochs", "0",

@@ -402,3 +402,18 @@ def test_ucf101_bias_labels_from_the_name():
     assert ta.bias_label("v_YoYo_g01_c01", lab) == 1
     assert ta.bias_label("v_ApplyEyeMakeup_g12_c04", lab) == 0     # not in the lists; group >= 10
     assert ta.bias_label("v_Unknown_g01_c01", lab) is None
+
+
+def test_demo_writes_the_summary_rows(tmp_path):
+    out = tmp_path / "demo"
+    rows = ta.demo(["--output-dir", str(out), "--seeds", "1", "--epochs", "1", "--steps-per-epoch", "2",
+                    "--num-train", "60", "--num-test", "12", "--batch-size", "8", "--jobs", "1",
+                    "--ablation-seeds", "1", "--extra", "--cnn-width 4"])
+    summary = json.loads((out / "summary.json").read_text())["rows"]
+    assert [(r["method"], r["seed"]) for r in summary] == [("baseline", 1), ("albar", 1)] == \
+        [(r["method"], r["seed"]) for r in rows]
+    for r in summary:
+        assert {"iid", "scuba", "scufo", "contrasted", "cpu_s"} <= set(r)
+        assert 0 <= r["contrasted"] <= min(r["scuba"], 100 - r["scufo"]) + 1e-6  # right on SCUBA, wrong on SCUFO
+    assert json.loads((out / "ablation.json").read_text())["rows"][0]["method"] == "albar_no_gp"
+    assert (out / "albar_seed1" / "results.json").is_file()
