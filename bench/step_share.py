@@ -14,7 +14,6 @@ Writes JSON; never asserts timings.
 import argparse
 import functools
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -34,6 +33,7 @@ import train_brl as brl  # noqa: E402
 import uas_step  # noqa: E402
 from brl_step import sync  # noqa: E402
 from common import config, ops, ops_reference  # noqa: E402
+from common.logging import write_json  # noqa: E402
 
 OPS = {"albar": ["static_clip"], "brl": ["graph_aggregate"], "uas": ["lora_linear"],
        "actionmae": ["masked_gather", "masked_restore"]}
@@ -71,10 +71,8 @@ def build_albar(s, dev, amp, compile):
     u8 = torch.randint(0, 256, (s["B"], 3, s["T"], s["S"], s["S"]), dtype=torch.uint8, device=dev)
     y = torch.arange(s["B"], device=dev) % 51
     tbar = ta.static_frame_index("middle", s["T"], s["B"]).to(dev)
-    # compile the motion forward only: the GP's double backward cannot go through compile. A lambda, since
-    # albar_step's `motion_forward or model` calls len() on an OptimizedModule, which raises TypeError.
-    compiled = torch.compile(model) if compile else None
-    motion = (lambda x: compiled(x)) if compile else None
+    # compile the motion forward only: the GP's double backward cannot go through compile
+    motion = torch.compile(model) if compile else None
 
     def step():
         ta.albar_step(model, u8, y, tbar, args, motion_forward=motion)  # GP on (w_gp = 10)
@@ -260,8 +258,7 @@ def main():
     for n in notes:
         print("note:", n)
     out = Path(a.out or f"bench/results/step_share_{dev.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(out, res)
     print(f"wrote {out}")
 
 

@@ -2,10 +2,10 @@
 
 Each class is a motion: a small bright square (6x6 px) moving right / left / down / up (1.5 px per
 frame) / clockwise / counter-clockwise (radius 5) on a torus (it wraps around the frame edges),
-starting at a uniformly random position, so one single frame says nothing about the class. Each video sits on a static texture
-(an oriented sinusoidal grating with two colours); in train (and in the IID test) the texture is the
-class's own with probability `bias` (0.95), otherwise another class's. The bias sets mirror the
-real protocol (albar spec §6):
+starting at a uniformly random position, so one single frame says nothing about the class. Each
+video sits on a static texture (an oriented sinusoidal grating with two colours); in train (and in
+the IID test) the texture is the class's own with probability `bias` (0.95), otherwise another
+class's. The bias sets mirror the real protocol (albar spec §6):
 
 - SCUBA `Other`:  the motion of every test video on the texture of another (random) class;
 - SCUBA `Unseen`: the same motions on textures that never occur in training;
@@ -33,21 +33,21 @@ NUM_CLASSES = len(CLASS_NAMES)
 SPEED, OBJ = 1.5, 6  # px per frame of the linear motions; side of the white square (px)
 
 
-def trajectory(label, num_frames, rng, size, speed=SPEED):
+def trajectory(label, num_frames, rng, size):
     """(T, 2) integer (y, x) positions of the object's top-left corner for class `label`.
-    Lines move `speed` px per frame: 1.5 keeps the step inside a 3x3x3 kernel's reach after one
+    Lines move SPEED px per frame: 1.5 keeps the step inside a 3x3x3 kernel's reach after one
     stride-2 layer, so a small 3D CNN learns the motion in a few hundred steps (at 2.5 px with a
     4 px object it needed > 1,000 steps even without any background bias)."""
     y0, x0 = rng.uniform(0, size, size=2)
     t = np.arange(num_frames, dtype=np.float64)
     if label == 0:
-        ys, xs = y0 + 0 * t, x0 + speed * t
+        ys, xs = y0 + 0 * t, x0 + SPEED * t
     elif label == 1:
-        ys, xs = y0 + 0 * t, x0 - speed * t
+        ys, xs = y0 + 0 * t, x0 - SPEED * t
     elif label == 2:
-        ys, xs = y0 + speed * t, x0 + 0 * t
+        ys, xs = y0 + SPEED * t, x0 + 0 * t
     elif label == 3:
-        ys, xs = y0 - speed * t, x0 + 0 * t
+        ys, xs = y0 - SPEED * t, x0 + 0 * t
     else:
         radius, phase = 5.0, rng.uniform(0, 2 * math.pi)
         direction = 1.0 if label == 4 else -1.0
@@ -104,8 +104,8 @@ def build(root, *, num_train=3750, num_test=500, num_frames=8, size=32, bias=0.9
     from common.video import write_video
 
     root = Path(root)
-    meta = dict(version=3, speed=SPEED, obj=OBJ, num_train=num_train, num_test=num_test, num_frames=num_frames, size=size,
-                bias=bias, seed=seed, classes=CLASS_NAMES)
+    meta = dict(version=3, speed=SPEED, obj=OBJ, num_train=num_train, num_test=num_test, num_frames=num_frames,
+                size=size, bias=bias, seed=seed, classes=CLASS_NAMES)
     if (root / "meta.json").is_file() and json.loads((root / "meta.json").read_text()) == meta:
         return root
     if root.exists():
