@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.config import InputError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(InputError, RuntimeError):
     pass
 
 
@@ -87,21 +89,23 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, scaler=None,
     }, path)
 
 
-def read_checkpoint(path, map_location="cpu"):
+def safe_load(path, *, what="checkpoint", map_location="cpu", trust=False):
+    """torch.load with weights_only=True (never runs code from the file). Refusals and unreadable
+    files are a CheckpointError naming the file; `trust=True` (--trust-checkpoint) uses the full
+    unpickler for a file the user made and trusts."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{what} {path}: file not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as first:  # noqa: BLE001
-        # A checkpoint whose `extra` holds arbitrary Python objects needs the full unpickler; only
-        # load such files from sources you trust.
-        import warnings
-        warnings.warn(f"{path}: weights_only load failed ({type(first).__name__}); loading with the full unpickler")
-        try:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+        return torch.load(path, map_location=map_location, weights_only=not trust)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{what} {path}: cannot be loaded safely ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); "
+                              f"pass --trust-checkpoint only if you made this file yourself") from e
+
+
+def read_checkpoint(path, map_location="cpu", *, trust=False):
+    return safe_load(path, what="checkpoint", map_location=map_location, trust=trust)
 
 
 def check_state_dict(model, state, where):
@@ -125,8 +129,8 @@ def check_state_dict(model, state, where):
 
 
 def load_checkpoint(path, *, model, optimizer=None, scheduler=None, scaler=None, map_location="cpu",
-                    restore_rng=True):
-    ckpt = read_checkpoint(path, map_location)
+                    restore_rng=True, trust=False):
+    ckpt = read_checkpoint(path, map_location, trust=trust)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a training checkpoint of this toolkit (no 'model' key)")
     if isinstance(model, dict):
@@ -172,7 +176,7 @@ def resolve_resume(resume, output_dir):
     return p
 
 
-def load_weights(path, model, *, convert=None, strict=True):
+def load_weights(path, model, *, convert=None, strict=True, trust=False):
     """Load pretrained weights from a local file (never a download).
 
     Accepts a raw state_dict or a dict holding one under 'state_dict' / 'model'. `convert` maps a
@@ -182,11 +186,7 @@ def load_weights(path, model, *, convert=None, strict=True):
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"--weights {path}: file not found (weights are never downloaded; pass a local file)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"--weights {path}: cannot read as a torch state_dict: {e}") from e
-    state = obj
+    state = safe_load(path, what="--weights", trust=trust)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

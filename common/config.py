@@ -13,6 +13,11 @@ from pathlib import Path
 import yaml
 
 
+class InputError(ValueError):
+    """Something the user gave (a flag, a file, a list line, a checkpoint) is wrong. `run_main`
+    prints it as one line naming what and where, without a traceback (unless --debug)."""
+
+
 def add_common_args(parser, **defaults):
     """The flags every script shares (design.md). `defaults` override by dest name."""
     d = dict(data_root="data", output_dir="runs/out", epochs=1, batch_size=32, lr=0.01, seed=0,
@@ -36,7 +41,66 @@ def add_common_args(parser, **defaults):
     g.add_argument("--synthetic", action="store_true", help="use the offline synthetic data instead of --data-root")
     g.add_argument("--weights", default=d["weights"], help="local pretrained weights file (never downloaded)")
     g.add_argument("--strict", action="store_true", help="a missing/corrupt media file is an error, not a skip")
+    g.add_argument("--from-scratch", action="store_true",
+                   help="allow a real-data run without --weights (random init; not comparable to the papers)")
+    g.add_argument("--allow-partial-weights", action="store_true",
+                   help="load --weights even when backbone keys are missing/unexpected (listed in the log)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="DANGEROUS: load checkpoints/weights with the full unpickler, which can run code from the "
+                        "file; only for files you made yourself")
+    g.add_argument("--debug", action="store_true", help="show the full traceback for input errors")
     return g
+
+
+def require_weights(args, what="the backbone"):
+    """A real-data run (not --synthetic) needs --weights unless --from-scratch says otherwise."""
+    if getattr(args, "weights", "") or getattr(args, "synthetic", False) or getattr(args, "from_scratch", False):
+        return
+    raise InputError(f"no --weights given: {what} would train from random init on real data; pass "
+                     f"--weights PATH (a local file), or --from-scratch to do this on purpose")
+
+
+def validate_common(args):
+    """Range and path checks of the common flags, before any work starts."""
+    checks = [("epochs", 0, "an integer >= 0"), ("batch_size", 1, "an integer >= 1"),
+              ("workers", 0, "an integer >= 0")]
+    for dest, lo, expected in checks:
+        v = getattr(args, dest, None)
+        if v is not None and v < lo:
+            raise InputError(f"--{dest.replace('_', '-')} {v}: expected {expected}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (lr > 0 and lr < float("inf")):
+        raise InputError(f"--lr {lr}: expected a finite number > 0")
+    out = getattr(args, "output_dir", None)
+    if out:
+        check_output_dir(out)
+
+
+def check_output_dir(path):
+    """--output-dir must be a directory (or creatable) and writable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"--output-dir {p}: exists and is not a directory")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"--output-dir {p}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"--output-dir {p}: {probe} is not writable")
+
+
+def run_main(main, argv=None):
+    """Run a script's `main(argv)`; an InputError (CheckpointError, VideoDecodeError, ...) is one
+    line on stderr and exit status 2, with the traceback only under --debug."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(argv)
+    except InputError as e:
+        if "--debug" in argv:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _load_file(path):
@@ -115,8 +179,16 @@ def parse_args(parser, argv=None):
         parser.add_argument("--config", default="", help="YAML/JSON file whose keys are flag names")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if not args.config:
-        return args
+    if args.config:
+        _apply_config_file(parser, args, argv)
+    try:
+        validate_common(args)
+    except InputError as e:
+        parser.error(str(e))
+    return args
+
+
+def _apply_config_file(parser, args, argv):
     try:
         data = _load_file(args.config)
     except (OSError, ValueError) as e:
@@ -136,7 +208,6 @@ def parse_args(parser, argv=None):
             parser.error(str(e))
         if key not in on_cli:
             setattr(args, key, value)
-    return args
 
 
 def config_dict(args):

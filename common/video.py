@@ -13,33 +13,60 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
+from common.config import InputError
 
-class VideoDecodeError(RuntimeError):
+
+class VideoDecodeError(InputError, RuntimeError):
     pass
 
 
 def read_video(path):
-    """All frames of a video as uint8 (T, H, W, 3)."""
+    """All frames of a video as uint8 (T, H, W, 3). For tools and tests only: datasets read clips
+    with `decode_clip` / `decode_views`, whose cost is bounded by the clip, not the video."""
     return _decode(path, None)
 
 
-def decode_clip(path, indices):
-    """Frames at `indices` (any order, repeats allowed) as uint8 (len(indices), H, W, 3).
+def decode_clip(path, indices, *, size=None):
+    """Frames at `indices` (any order, repeats allowed) as uint8 (len(indices), H, W, 3), identical
+    to a sequential decode of the video taken at those indices.
 
-    Decodes sequentially up to the largest index (robust for every codec/container, and cheap for
-    the short clips these methods read).
+    `size`: None (native resolution), an int (resize so the short side is `size`, aspect kept, as
+    `resize_short_side`), or (h, w) (exact size); the resize happens on decode.
     """
-    indices = np.asarray(indices, dtype=np.int64)
-    if indices.size == 0:
-        raise ValueError(f"decode_clip({path}): empty index list")
-    frames = _decode(path, int(indices.max()) + 1)
-    if len(frames) <= indices.max():
-        # the container over-reported its length: clamp to the last decoded frame
-        indices = np.minimum(indices, len(frames) - 1)
-    return frames[indices]
+    return decode_views(path, [indices], size=size)[0]
 
 
-def _decode(path, stop):
+def decode_views(path, views, *, size=None):
+    """Several index arrays (test clips x crops) from ONE decode of their union span; a list of
+    uint8 (len(v), H, W, 3) arrays, each as `decode_clip(path, v, size=size)` would return it."""
+    views = [np.asarray(v, dtype=np.int64) for v in views]
+    if not views or any(v.size == 0 for v in views):
+        raise ValueError(f"decode_views({path}): empty index list")
+    if any(v.min() < 0 for v in views):
+        raise ValueError(f"decode_views({path}): negative frame index")
+    stop = max(int(v.max()) for v in views) + 1
+    frames = _decode(path, stop, size=size)
+    out = []
+    for v in views:
+        if len(frames) <= v.max():
+            # the container over-reported its length: clamp to the last decoded frame
+            v = np.minimum(v, len(frames) - 1)
+        out.append(frames[v])
+    return out
+
+
+def output_size(h, w, size):
+    """(h, w) after `size` (None | short side int | (h, w)), rounding as `resize_short_side`."""
+    if size is None:
+        return h, w
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    if h <= w:
+        return int(size), max(1, round(w * size / h))
+    return max(1, round(h * size / w)), int(size)
+
+
+def _decode(path, stop, size=None):
     path = Path(path)
     if not path.is_file():
         raise VideoDecodeError(f"video not found: {path}")
@@ -51,7 +78,11 @@ def _decode(path, stop):
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                if size is not None:
+                    h, w = output_size(frame.height, frame.width, size)
+                    frames.append(frame.to_ndarray(format="rgb24", width=w, height=h))
+                else:
+                    frames.append(frame.to_ndarray(format="rgb24"))
                 if stop is not None and len(frames) >= stop:
                     break
     except VideoDecodeError:
