@@ -35,14 +35,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from common import config
 from common import dist as cdist
 from common import ops
-from common.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from common.config import add_common_args, parse_args, save_config
+from common import video
+from common.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, resolve_resume, safe_load, save_checkpoint
+from common.config import InputError, add_common_args, parse_args, save_config
 from common.logging import JsonlLogger, plot_bars, plot_confusion, plot_curves, progress, read_jsonl, write_json
-from common.metrics import average_views, confusion_matrix, mean_class_accuracy, topk_accuracy
-from common.video import (VideoDecodeError, center_crop, collate_skip_none, hflip, random_crop, random_resized_crop,
-                          read_video, resize_short_side, three_crop)
+from common.metrics import confusion_matrix, mean_class_accuracy, topk_accuracy
+from common.video import (VideoDecodeError, center_crop, collate_skip_none, hflip, load_or_skip, random_crop,
+                          random_resized_crop, resize_short_side, three_crop)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -132,7 +134,8 @@ SYNTHETIC_FLAGS = dict(dataset="list", train_list="train.txt", test_list="test.t
 
 
 def resolve_args(args):
-    """Derived settings + validation of flag combinations (errors name the flag)."""
+    """Validation of the flags (errors name the flag), then the derived settings."""
+    validate_args(args)
     if args.synthetic:  # the offline benchmark (common/data/synthetic_video.py), built once under --data-root
         from common.data import synthetic_video
         args.data_root = str(synthetic_video.build(Path(args.data_root) / "albar_synthetic"))
@@ -142,64 +145,107 @@ def resolve_args(args):
         args.w_adv = args.w_ent = args.w_gp = 0.0
     if args.blr > 0:
         args.lr = args.blr * args.batch_size * args.accum_steps * cdist.world_size() / 64
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise SystemExit(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if args.select_metric == "val_contra" and not args.val_bias_root:
-        raise SystemExit("--select-metric val_contra needs --val-bias-root (bias sets built from the val videos)")
-    static_frame_index(args.static_frame, args.num_frames, 1)  # validates the value
     return args
 
 
+def validate_args(args):
+    """Ranges and combinations of the method flags (one-line InputError naming the flag)."""
+    for dest in ("num_frames", "frame_stride", "crop", "short_side", "eval_batch_size", "accum_steps", "eval_every",
+                 "test_views", "cnn_width"):
+        if getattr(args, dest) < 1:
+            raise InputError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: expected an integer >= 1")
+    if args.short_side < args.crop:
+        raise InputError(f"--short-side {args.short_side} is smaller than --crop {args.crop}")
+    for dest in ("hflip_prob", "stillmix_prob"):
+        if not 0.0 <= getattr(args, dest) <= 1.0:
+            raise InputError(f"--{dest.replace('_', '-')} {getattr(args, dest)}: expected a probability in [0, 1]")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise InputError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.select_metric == "val_contra" and not args.val_bias_root:
+        raise InputError("--select-metric val_contra needs --val-bias-root (bias sets built from the val videos)")
+    static_frame_index(args.static_frame, args.num_frames, 1)  # validates the value
+
+
 # ----------------------------------------------------------------------------- data: list files
+
+LIST_FORMATS = ("'<relpath> <label>' (a video file, frame zip or frame folder) or the StillMix / mmaction "
+                "rawframes line '<frame_dir> <nframes> <label>' (e.g. 'v_YoYo_g01_c01__0 120 100')")
+
 
 @dataclass
 class Item:
     path: Path     # absolute video file / frame zip / frame folder / image
     label: int
-    vid: str       # id used for pairing and predictions (file stem)
+    vid: str       # id used for pairing and predictions (file stem, or the rawframes id)
+    nframes: int = 0  # frame count given by a rawframes list line (0 = not given); checked on read
 
 
 def _err(path, lineno, msg):
-    return ValueError(f"{path}:{lineno}: {msg}")
+    return InputError(f"{path}:{lineno}: {msg}")
 
 
-def _resolve_video(path, lineno, root, rel):
-    p = Path(rel)
-    if not p.is_absolute():
-        p = Path(root) / p
-    if p.suffix.lower() not in VIDEO_EXTS and not p.suffix.lower() == ".zip" and not p.is_dir():
-        raise _err(path, lineno, f"'{rel}' is not a video file (expected one of {sorted(VIDEO_EXTS)})")
-    return p
+def _lines(path, what="list file"):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found: {path}")
+    return path.read_text().splitlines()
+
+
+def resolve_frames_id(p):
+    """On-disk source of an extension-less list id `<root>/<id>` (StillMix rawframes lists): the frame
+    folder `<id>/` (StillMix: frame%06d.jpg), else the zip `<id>.zip` (ALBAR's bias-set release), else a
+    video `<id>.<ext>`; None if none exists."""
+    if p.is_dir():
+        return p
+    for cand in [p.with_name(p.name + ".zip")] + [p.with_name(p.name + e) for e in sorted(VIDEO_EXTS)]:
+        if cand.is_file():
+            return cand
+    return None
 
 
 def parse_list_file(path, root, num_classes=None, one_based=False):
-    """Generic `<relpath> <label>` list ('#' comments, 0-based labels unless one_based)."""
+    """A list file, one item per line ('#' comments, 0-based labels unless one_based), paths relative
+    to `root`. Line formats: see LIST_FORMATS. A rawframes id without an extension is resolved by
+    `resolve_frames_id`; its `<nframes>` must match the frames found when the item is read."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"list file not found: {path}")
     items = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(_lines(path), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        parts = line.rsplit(None, 1)
-        if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
-            raise _err(path, lineno, f"expected '<relpath> <label>', got {line!r}")
-        label = int(parts[1]) - (1 if one_based else 0)
+        parts, nframes = line.rsplit(None, 2), 0
+        if len(parts) == 3 and re.fullmatch(r"\d+", parts[1]) and re.fullmatch(r"-?\d+", parts[2]):
+            rel, nframes, lab = parts[0], int(parts[1]), parts[2]
+            if nframes < 1:
+                raise _err(path, lineno, f"<nframes> must be >= 1, got {line!r}")
+        else:
+            parts = line.rsplit(None, 1)
+            if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
+                raise _err(path, lineno, f"expected {LIST_FORMATS}, got {line!r}")
+            rel, lab = parts
+        label = int(lab) - (1 if one_based else 0)
         if label < 0 or (num_classes is not None and label >= num_classes):
-            rng = f"[{int(one_based)}, {num_classes - 1 + int(one_based)}]" if num_classes else ">= 0"
-            raise _err(path, lineno, f"label {parts[1]} is not a known class (expected {rng})")
-        p = _resolve_video(path, lineno, root, parts[0])
-        items.append(Item(p, label, p.stem))
+            rng = f"[{int(one_based)}, {num_classes - 1 + int(one_based)}]" if num_classes else f">= {int(one_based)}"
+            raise _err(path, lineno, f"label {lab} is not a known class (expected {rng})")
+        p = Path(rel) if Path(rel).is_absolute() else Path(root) / rel
+        suffix = p.suffix.lower()
+        if suffix in VIDEO_EXTS or suffix == ".zip":
+            items.append(Item(p, label, p.stem, nframes))
+            continue
+        found = resolve_frames_id(p)
+        if found is None and not nframes:
+            raise _err(path, lineno, f"'{rel}' is not a video file ({'/'.join(sorted(VIDEO_EXTS))}), a .zip of "
+                                     f"frames or a frame folder; expected {LIST_FORMATS}")
+        items.append(Item(found or p, label, p.name, nframes))  # a missing source is counted by drop_missing
     if not items:
-        raise ValueError(f"{path}: no entries")
+        raise InputError(f"{path}: no entries (expected lines {LIST_FORMATS})")
     return items
 
 
 def read_class_index(path):
     """UCF101 classInd.txt: `<1-based id> <ClassName>` -> {name: 0-based}."""
     classes = {}
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for lineno, line in enumerate(_lines(path, "classInd file"), 1):
         if not line.strip():
             continue
         parts = line.split()
@@ -207,7 +253,7 @@ def read_class_index(path):
             raise _err(path, lineno, f"expected '<id> <ClassName>', got {line!r}")
         classes[parts[1]] = int(parts[0]) - 1
     if sorted(classes.values()) != list(range(len(classes))):
-        raise ValueError(f"{path}: class ids must be 1..{len(classes)} without gaps")
+        raise InputError(f"{path}: class ids must be 1..{len(classes)} without gaps")
     return classes
 
 
@@ -217,11 +263,12 @@ UCF_RE = re.compile(r"v_(.+?)_g\d+_c\d+")
 def parse_ucf101(path, video_root, classes):
     """trainlist01/testlist01 lines `<Class>/v_<Class>_gXX_cYY.avi [1-based label]`."""
     items = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
+    for lineno, line in enumerate(_lines(path), 1):
         parts = line.split()
+        if not parts:
+            continue
+        if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+            raise _err(path, lineno, f"expected '<Class>/v_<Class>_gXX_cYY.avi [1-based label]', got {line!r}")
         rel = parts[0]
         folder = rel.split("/")[0]
         if folder not in classes:
@@ -239,16 +286,15 @@ def parse_ucf101(path, video_root, classes):
 def parse_hmdb51_csv(path, video_root):
     """hmdb51_{train,test}_labels.csv: `class,filename,label` (0-based), header optional."""
     items, class_label = [], {}
-    with open(path, newline="") as f:
-        for lineno, row in enumerate(csv.reader(f), 1):
-            if not row or (lineno == 1 and row[0].strip().lower() == "class"):
-                continue
-            if len(row) != 3 or not row[2].strip().isdigit():
-                raise _err(path, lineno, f"expected 'class,filename,label', got {row}")
-            cls, fname, label = row[0].strip(), row[1].strip(), int(row[2])
-            if class_label.setdefault(cls, label) != label:
-                raise _err(path, lineno, f"class '{cls}' has label {label} here but {class_label[cls]} earlier")
-            items.append(Item(Path(video_root) / cls / fname, label, Path(fname).stem))
+    for lineno, row in enumerate(csv.reader(_lines(path)), 1):
+        if not row or (lineno == 1 and row[0].strip().lower() == "class"):
+            continue
+        if len(row) != 3 or not row[2].strip().isdigit():
+            raise _err(path, lineno, f"expected 'class,filename,label', got {row}")
+        cls, fname, label = row[0].strip(), row[1].strip(), int(row[2])
+        if class_label.setdefault(cls, label) != label:
+            raise _err(path, lineno, f"class '{cls}' has label {label} here but {class_label[cls]} earlier")
+        items.append(Item(Path(video_root) / cls / fname, label, Path(fname).stem))
     return items
 
 
@@ -256,7 +302,8 @@ def parse_hmdb51_splits(split_dir, video_root, split=1):
     """Original testTrainMulti_7030_splits/<class>_test_split<k>.txt (1 = train, 2 = test, 0 = unused)."""
     files = sorted(Path(split_dir).glob(f"*_test_split{split}.txt"))
     if not files:
-        raise FileNotFoundError(f"no *_test_split{split}.txt files in {split_dir}")
+        raise InputError(f"no hmdb51_{{train,test}}_labels.csv in {Path(split_dir).parent} and no "
+                         f"*_test_split{split}.txt files in {split_dir}")
     names = sorted(f.name[: -len(f"_test_split{split}.txt")] for f in files)
     out = {"train": [], "test": []}
     for f in files:
@@ -282,7 +329,7 @@ def load_splits(args):
     names = None
     if args.dataset == "list" or args.train_list:
         if not args.train_list or not args.test_list:
-            raise SystemExit("--dataset list needs --train-list and --test-list")
+            raise InputError("--dataset list needs --train-list and --test-list")
         train = parse_list_file(_under(root, args.train_list), root)
         test = parse_list_file(_under(root, args.test_list), root)
     elif args.dataset == "hmdb51":
@@ -304,7 +351,7 @@ def load_splits(args):
     num_classes = max(i.label for i in train + test) + 1
     missing_train = sorted(set(range(num_classes)) - {i.label for i in train})
     if missing_train:
-        raise ValueError(f"classes {missing_train[:10]} have no training videos (labels must be 0..C-1)")
+        raise InputError(f"classes {missing_train[:10]} have no training videos (labels must be 0..C-1)")
     if args.val_list:
         val = parse_list_file(_under(root, args.val_list), root, num_classes=num_classes)
     else:
@@ -356,7 +403,7 @@ def drop_missing(items, name, strict):
     if n:
         first = next(it.path for it in items if not it.path.exists())
         if strict:
-            raise FileNotFoundError(f"{name}: {n} listed videos are missing, e.g. {first}")
+            raise InputError(f"{name}: {n} listed videos are missing, e.g. {first} (without --strict they are skipped)")
         warnings.warn(f"{name}: skipping {n} missing videos (e.g. {first}); --strict makes this an error")
     return keep, n
 
@@ -366,21 +413,22 @@ def drop_missing(items, name, strict):
 def find_bias_sets(bias_root, prefix, label_of):
     """{kind: {"scuba": [Item], "scufo": [Item] | None}} and the Confl-FG items, labelled by video.
 
-    Items: `<video>__<k>.zip` / `<video>__<k>/` (SCUBA, Confl-FG) and `<video>__<k>.jpg` (SCUFO).
+    Items: `<video>__<k>.zip` / `<video>__<k>/` (SCUBA, Confl-FG) and `<video>__<k>.jpg` (SCUFO), or
+    the items of a StillMix list file inside the set's folder (see `_bias_items`).
     """
     root = Path(bias_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--bias-root {root} is not a directory")
+        raise InputError(f"--bias-root {root} is not a directory")
     sets, conflfg = {}, None
     for d in sorted(root.glob(f"{prefix}_SCUBA_*")):
         kind = d.name.split("_SCUBA_", 1)[1]
         scufo_dir = d.parent / d.name.replace("_SCUBA_", "_SCUFO_")
         sets[kind] = {"scuba": _bias_items(d, label_of, (".zip", "")),
-                      "scufo": _bias_items(scufo_dir, label_of, (".jpg", ".jpeg", ".png")) if scufo_dir.is_dir() else None}
+                      "scufo": _bias_items(scufo_dir, label_of, IMAGE_EXTS) if scufo_dir.is_dir() else None}
     for d in sorted(root.glob(f"{prefix}_ConflFG_*")):
         conflfg = _bias_items(d, label_of, (".zip", ""))
     if not sets and conflfg is None:
-        raise FileNotFoundError(f"no {prefix}_SCUBA_* or {prefix}_ConflFG_* folders in {root}")
+        raise InputError(f"no {prefix}_SCUBA_* or {prefix}_ConflFG_* folders in {root}")
     return sets, conflfg
 
 
@@ -407,47 +455,95 @@ class UCFLabels(dict):
 
 
 def _bias_items(folder, label_of, suffixes):
+    """The items of one bias set. With a StillMix list file (`*.txt`, lines `<video>__<k> <nframes>
+    <label>`) in the folder, exactly the listed items (resolved by `resolve_frames_id` under the
+    folder), labelled by the list, which must agree with the split lists where they know the video;
+    otherwise every `<video>__<k><suffix>` entry, labelled by looking `<video>` up in the split lists."""
+    lists = sorted(folder.glob("*.txt"))
+    if len(lists) > 1:
+        raise InputError(f"{folder}: several list files {[p.name for p in lists]} (expected at most one)")
+    if lists:
+        items = parse_list_file(lists[0], folder)
+        for it in items:
+            known = bias_label(it.vid.rsplit("__", 1)[0], label_of)
+            if known is not None and known != it.label:
+                raise InputError(f"{lists[0]}: item '{it.vid}' has label {it.label} but its video has label "
+                                 f"{known} in the split lists (class order differs?)")
+        return items
     items = []
     for p in sorted(folder.iterdir()):
         suffix = "" if p.is_dir() else p.suffix.lower()
         if suffix not in suffixes or "__" not in p.stem:
             continue
         item_id = p.name if p.is_dir() else p.stem
-        video = item_id.rsplit("__", 1)[0]
-        label = bias_label(video, label_of)
+        vid = item_id.rsplit("__", 1)[0]
+        label = bias_label(vid, label_of)
         if label is None:
-            raise ValueError(f"{p}: video '{video}' is not in any split list (cannot label this bias item)")
+            raise InputError(f"{p}: video '{vid}' is not in any split list (cannot label this bias item)")
         items.append(Item(p, label, item_id))
     if not items:
-        raise FileNotFoundError(f"{folder}: no bias items matching <video>__<k>{'|'.join(suffixes)}")
+        raise InputError(f"{folder}: no bias items matching <video>__<k>{'|'.join(suffixes)} and no list file")
     return items
 
 
-def read_frames(path):
-    """uint8 (N, H, W, 3) from a video file, a zip of JPEGs, a frame folder or one image."""
+# ----------------------------------------------------------------------------- data: reading frames
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+
+def _frame_names(path):
+    """Sorted image members of a frame zip / frame folder (time order); [] for a single image."""
+    if path.is_dir():
+        return sorted(f.name for f in path.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+    if path.suffix.lower() == ".zip":
+        with zipfile.ZipFile(path) as z:
+            return sorted(n for n in z.namelist() if n.lower().endswith(IMAGE_EXTS))
+    if path.suffix.lower() in IMAGE_EXTS and path.is_file():
+        return []
+    raise VideoDecodeError(f"not found or not a video / frame zip / frame folder / image: {path}")
+
+
+def source_num_frames(path):
+    """Frame count of a video (`common.video.num_frames`), a frame zip or folder, or an image (1)."""
     path = Path(path)
     if path.suffix.lower() in VIDEO_EXTS:
-        return read_video(path)
-    from PIL import Image
+        return video.num_frames(path)
     try:
-        if path.is_dir():
-            files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
-            imgs = [np.asarray(Image.open(f).convert("RGB")) for f in files]
-        elif path.suffix.lower() == ".zip":
-            with zipfile.ZipFile(path) as z:
-                names = sorted(n for n in z.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png")))
-                imgs = [np.asarray(Image.open(io.BytesIO(z.read(n))).convert("RGB")) for n in names]
-        elif path.is_file():
-            imgs = [np.asarray(Image.open(path).convert("RGB"))]
+        names = _frame_names(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise VideoDecodeError(f"cannot read {path}: {e}") from e
+    if path.is_dir() or path.suffix.lower() == ".zip":
+        if not names:
+            raise VideoDecodeError(f"no frames in {path}")
+        return len(names)
+    return 1
+
+
+def read_views(path, views, size):
+    """Several index arrays of one source from ONE read of their union: a list of uint8 (len(v), H, W, 3)
+    arrays, the short side resized to `size` on decode. Videos go through `common.video.decode_views`;
+    frame zips / folders / images decode only the needed members (PIL)."""
+    path = Path(path)
+    views = [np.asarray(v, dtype=np.int64) for v in views]
+    if path.suffix.lower() in VIDEO_EXTS:
+        return video.decode_views(path, views, size=size)
+    from PIL import Image
+    need = sorted(set(np.concatenate(views).tolist()))
+    try:
+        names = _frame_names(path)
+        if not names:  # one image
+            imgs = {0: np.asarray(Image.open(path).convert("RGB"))}
+        elif path.is_dir():
+            imgs = {i: np.asarray(Image.open(path / names[i]).convert("RGB")) for i in need}
         else:
-            raise VideoDecodeError(f"not found: {path}")
-    except VideoDecodeError:
-        raise
-    except (OSError, zipfile.BadZipFile, ValueError) as e:
-        raise VideoDecodeError(f"cannot read frames from {path}: {e}") from e
-    if not imgs:
-        raise VideoDecodeError(f"no frames in {path}")
-    return np.stack(imgs)
+            with zipfile.ZipFile(path) as z:
+                imgs = {i: np.asarray(Image.open(io.BytesIO(z.read(names[i]))).convert("RGB")) for i in need}
+        stacked = np.stack([imgs[i] for i in need])
+    except (OSError, zipfile.BadZipFile, ValueError, IndexError, KeyError) as e:
+        raise VideoDecodeError(f"cannot read frames {need[:4]}... from {path}: {e}") from e
+    frames = resize_short_side(stacked, size).numpy()
+    pos = {i: k for k, i in enumerate(need)}
+    return [frames[[pos[i] for i in v.tolist()]] for v in views]
 
 
 # ----------------------------------------------------------------------------- data: sampling + transforms
@@ -467,65 +563,100 @@ def clip_indices(n, num_frames, stride, *, train, start_mode="center", rng=None,
 
 
 class ClipDataset(Dataset):
-    """Returns (uint8 clip (3, T, H, W), label, dataset index) or None for a bad file.
+    """One entry per item (video, frame zip / folder, image); a bad file gives None (skipped and
+    counted by `collate_skip_none`, an error with --strict).
 
-    mode: 'train' (random start, RandomResizedCrop, flip), 'test' (centred clip(s), centre or three
-    crops), 'image' (a single frame, for SCUFO: (3, 1, H, W)). `cache` (a dict shared by several
-    datasets) keeps decoded frames in memory — the demo decodes each mp4 once for all runs.
+    mode 'train': (uint8 clip (3, T, H, W), label, index) — random start, RandomResizedCrop (or a
+    random crop), flip. mode 'test': (uint8 (V*K, 3, T, H, W), label, index) — V = `views` temporal
+    clips x K = `crops` spatial crops, all cut from ONE decode of the union of the clips' frames.
+    mode 'image': (uint8 (1, 3, 1, H, W), label, index) — frame 0, or with `scufo_from_clip` one frame
+    drawn by (scufo_seed, id) (SCUFO from SCUBA). Frames are read at short side `args.short_side`
+    (resized on decode) and stay uint8; normalisation happens on the device.
+
+    `args` holds the recipe flags (build_parser() dests); `ClipDataset.from_list` builds one from a
+    list file with the defaults. `cache` (a dict, optional) memoises frame counts and decoded clips
+    by (path, indices): only for data that fit in memory with few distinct clips per file (the
+    demo's 8-frame videos, decoded once for all runs).
     """
 
     def __init__(self, items, args, mode, *, views=1, crops=1, cache=None, scufo_seed=0, scufo_from_clip=False):
+        if mode not in ("train", "test", "image"):
+            raise ValueError(f"ClipDataset mode must be train|test|image, got {mode!r}")
         self.items, self.args, self.mode = items, args, mode
-        self.views, self.crops = views, crops
+        self.views, self.crops = (views, crops) if mode == "test" else (1, 1)
         self.cache = cache
         self.scufo_seed, self.scufo_from_clip = scufo_seed, scufo_from_clip
 
-    def __len__(self):
-        return len(self.items) * self.views * self.crops
+    @classmethod
+    def from_list(cls, list_file, mode="train", *, root=None, views=1, crops=1, **flags):
+        """A dataset over the items of a list file (any LIST_FORMATS line; paths relative to `root`,
+        default the list's folder) with the recipe defaults of `train_albar.py --help`, overridden by
+        `flags` given by dest name, e.g. `ClipDataset.from_list("train.txt", num_frames=16, workers=0)`."""
+        args = build_parser().parse_args([])
+        for k, v in flags.items():
+            if not hasattr(args, k):
+                raise TypeError(f"ClipDataset.from_list: unknown flag {k!r} (use build_parser() dest names)")
+            setattr(args, k, v)
+        items = parse_list_file(list_file, Path(list_file).parent if root is None else root)
+        return cls(items, args, mode, views=views, crops=crops)
 
-    def _frames(self, path):
-        key = str(path)
-        if self.cache is not None and key in self.cache:
-            return self.cache[key]
-        frames = read_frames(path)
-        if self.cache is not None:
-            self.cache[key] = frames
-        return frames
+    @property
+    def clips_per_item(self):
+        return self.views * self.crops
+
+    def __len__(self):
+        return len(self.items)
+
+    def _cached(self, key, fn):
+        if self.cache is None:
+            return fn()
+        if key not in self.cache:
+            self.cache[key] = fn()
+        return self.cache[key]
+
+    def _num_frames(self, item):
+        n = self._cached(("num_frames", str(item.path)), lambda: source_num_frames(item.path))
+        if item.nframes and item.nframes != n and item.path.suffix.lower() not in VIDEO_EXTS:
+            # rawframes: the list's count must be the folder's; a video's own decoded count is used as is
+            raise VideoDecodeError(f"{item.path}: the list says {item.nframes} frames, found {n}")
+        return n
+
+    def _read(self, path, views):
+        size = self.args.short_side
+        key = ("clips", str(path), tuple(tuple(v.tolist()) for v in views), size)
+        return self._cached(key, lambda: read_views(path, views, size))
 
     def __getitem__(self, index):
-        item_idx, rest = divmod(index, self.views * self.crops)
-        view, crop_idx = divmod(rest, self.crops)
-        item = self.items[item_idx]
-        try:
-            frames = self._frames(item.path)
-        except VideoDecodeError as e:
-            if self.args.strict:
-                raise
-            warnings.warn(f"skipping bad video ({e}); pass --strict to make this an error")
-            return None
+        item = self.items[index]
+        clip = load_or_skip(lambda: self._load(item), item.path, self.args.strict)
+        return None if clip is None else (clip, item.label, index)
+
+    def _load(self, item):
         a = self.args
-        if self.mode == "image":
-            if self.scufo_from_clip:  # SCUFO generated from the SCUBA item: one frame, seeded by (seed, id)
-                rng = np.random.default_rng([self.scufo_seed, zlib.crc32(item.vid.encode())])
-                frames = frames[int(rng.integers(len(frames)))][None]
-            clip = center_crop(resize_short_side(frames[:1], a.short_side), a.crop)
-        elif self.mode == "train":
+        n = self._num_frames(item)
+        if self.mode == "train":
             rng = np.random.default_rng(np.random.randint(2**31))
-            idx = clip_indices(len(frames), a.num_frames, a.frame_stride, train=True, rng=rng)
-            clip = resize_short_side(frames[idx], a.short_side)
+            idx = clip_indices(n, a.num_frames, a.frame_stride, train=True, rng=rng)
+            clip = self._read(item.path, [idx])[0]
             if a.train_crop == "rrc":
                 clip = random_resized_crop(clip, a.crop, tuple(a.rrc_scale), tuple(a.rrc_ratio), rng=rng)
             else:
                 clip = random_crop(clip, a.crop, rng=rng)
             if rng.random() < a.hflip_prob:
                 clip = hflip(clip)
+            return clip.permute(3, 0, 1, 2).contiguous()  # (T, H, W, 3) -> (3, T, H, W)
+        if self.mode == "image":
+            j = 0
+            if self.scufo_from_clip:  # SCUFO generated from the SCUBA item: one frame, seeded by (seed, id)
+                j = int(np.random.default_rng([self.scufo_seed, zlib.crc32(item.vid.encode())]).integers(n))
+            views = [np.array([j])]
         else:
-            idx = clip_indices(len(frames), a.num_frames, a.frame_stride, train=False,
-                               start_mode=a.test_clip_start, num_clips=self.views, clip_idx=view)
-            clip = resize_short_side(frames[idx], a.short_side)
-            clip = three_crop(clip, a.crop)[crop_idx] if self.crops == 3 else center_crop(clip, a.crop)
-        # (T, H, W, 3) -> (3, T, H, W) uint8; `index` (the dataset index) identifies the view
-        return clip.permute(3, 0, 1, 2).contiguous(), item.label, index
+            views = [clip_indices(n, a.num_frames, a.frame_stride, train=False, start_mode=a.test_clip_start,
+                                  num_clips=self.views, clip_idx=v) for v in range(self.views)]
+        clips = []
+        for frames in self._read(item.path, views):
+            clips += three_crop(frames, a.crop) if self.crops == 3 else [center_crop(frames, a.crop)]
+        return torch.stack([c.permute(3, 0, 1, 2) for c in clips])  # (V*K, 3, T, H, W)
 
 
 def make_loader(ds, args, batch_size, shuffle, seed=0):
@@ -572,29 +703,74 @@ def build_model(args, num_classes):
     return model
 
 
-def load_pretrained(model, path, num_classes):
-    """torchvision K400 state dict (or a project checkpoint with key 'model'); head dropped if C != 400."""
+WEIGHT_LAYOUTS = {  # how each known file stores the swin3d_t state dict (README "Official artefacts")
+    "torchvision": "flat state dict (torchvision swin3d_t KINETICS400_V1, swin3d_t-7615ae03.pth)",
+    "albar_official": "{'model_state_dict': ...} (UCF-CRCV/ALBAR model_<epoch>*.pth and training snapshots)",
+    "project": "{'model': ...} (this script's checkpoint.pth / best.pth)",
+    "state_dict": "{'state_dict': ...} (generic trainer wrappers)",
+}
+
+
+def _short(keys, n=8):
+    return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def read_weights(path, *, trust=False):
+    """A --weights file -> (flat state dict, layout name); a DDP 'module.' prefix is removed."""
+    obj = safe_load(path, what="--weights", trust=trust)
+    layout = "torchvision"
+    for key, name in (("model_state_dict", "albar_official"), ("model", "project"), ("state_dict", "state_dict")):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj, layout = obj[key], name
+            break
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise CheckpointError(f"--weights {path}: expected a state dict of tensors in one of the layouts "
+                              f"{'; '.join(WEIGHT_LAYOUTS.values())}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    if any(k.startswith(("backbone.", "cls_head.")) for k in obj):
+        raise CheckpointError(f"--weights {path}: a Video-Swin / mmaction layout (backbone.*, cls_head.*); rename "
+                              f"its keys to torchvision's with `python train_uas.py convert-weights {path} OUT.pth`, "
+                              f"then pass --weights OUT.pth")
+    return obj, layout
+
+
+def load_pretrained(model, path, num_classes, *, allow_partial=False, trust=False):
+    """Load --weights into the model (spec §3): any WEIGHT_LAYOUTS file; `head.*` is dropped when its
+    shape differs (e.g. the K400 400-way head for C classes) and then trains from its fresh init.
+    A shape mismatch is always an error; a missing or unexpected backbone key is an error naming the
+    keys unless `allow_partial` (--allow-partial-weights), which loads the rest and lists them."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--weights {path}: file not found (weights are never downloaded)")
-    sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
-        sd = sd["model"]
-    if isinstance(sd, dict) and "state_dict" in sd:
-        sd = sd["state_dict"]
+        raise CheckpointError(f"--weights {path}: file not found (weights are never downloaded; pass a local file)")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    sd, layout = read_weights(path, trust=trust)
     own = model.state_dict()
-    if "head.weight" in sd and sd["head.weight"].shape != own["head.weight"].shape:
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    missing = sorted(set(own) - set(sd))
+    head = "loaded" if any(k.startswith("head.") for k in sd) else "new (no head in the file)"
+    if any(k.startswith("head.") and k in own and sd[k].shape != own[k].shape for k in sd):
+        sd, head = {k: v for k, v in sd.items() if not k.startswith("head.")}, "new (the file's head has another shape)"
+    shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if shapes:
+        raise CheckpointError(f"--weights {path} ({layout} layout) does not fit --arch: shape mismatches "
+                              f"[{_short(shapes)}]")
+    missing = sorted(k for k in set(own) - set(sd) if not k.startswith("head."))
     unexpected = sorted(set(sd) - set(own))
-    shape_bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in sd if k in own and sd[k].shape != own[k].shape]
-    if unexpected or shape_bad or [k for k in missing if not k.startswith("head.")]:
-        raise RuntimeError(f"--weights {path} does not fit --arch: missing {missing[:8]}, unexpected "
-                           f"{unexpected[:8]}, shape mismatches {shape_bad[:8]}")
-    model.load_state_dict(sd, strict=False)
-    return {"init": str(path), "sha256": sha, "missing_keys": missing, "num_classes": num_classes}
+    if (missing or unexpected) and not allow_partial:
+        parts = ([f"missing backbone keys [{_short(missing)}]"] if missing else []) + \
+                ([f"unexpected keys [{_short(unexpected)}]"] if unexpected else [])
+        raise CheckpointError(f"--weights {path} ({layout} layout) does not fit the model: {'; '.join(parts)}; "
+                              f"pass --allow-partial-weights to load the rest anyway")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    if missing or unexpected:
+        warnings.warn(f"--weights {path}: --allow-partial-weights: {len(missing)} missing backbone keys "
+                      f"[{_short(missing)}] keep their init, {len(unexpected)} unexpected keys [{_short(unexpected)}] "
+                      f"are ignored")
+    return {"init": str(path), "sha256": h.hexdigest(), "layout": layout, "head": head, "num_classes": num_classes,
+            "missing_keys": missing, "unexpected_keys": unexpected}
 
 
 # ----------------------------------------------------------------------------- method: the ALBAR loss
@@ -612,7 +788,7 @@ def static_frame_index(choice, num_frames, batch, generator=None):
     elif re.fullmatch(r"\d+", str(choice)):
         t = min(int(choice), num_frames - 1)
     else:
-        raise SystemExit(f"--static-frame must be middle|random|first|last|<int>, got {choice!r}")
+        raise InputError(f"--static-frame must be middle|random|first|last|<int>, got {choice!r}")
     return torch.full((batch,), t, dtype=torch.long)
 
 
@@ -754,10 +930,12 @@ def train_one_epoch(model, loader, optimizer, epoch, args, env, motion_forward=N
 
 @torch.no_grad()
 def predict(model, ds, args, env, static_frames=0):
-    """Scores of every item of `ds` (multi-view averaged): (item indices, labels, scores, n_skipped).
-    static_frames > 0: each (3,1,H,W) image is tiled to that many frames (SCUFO clips)."""
+    """Scores of every item of `ds` (the mean softmax of its views x crops): (item indices, labels,
+    scores, n_skipped). A loader batch holds about --eval-batch-size clips. static_frames > 0: each
+    (3,1,H,W) image is tiled to that many frames (SCUFO clips)."""
     model.eval()
-    loader = make_loader(ds, args, args.eval_batch_size, shuffle=False)
+    per_item = ds.clips_per_item
+    loader = make_loader(ds, args, max(1, args.eval_batch_size // per_item), shuffle=False)
     idx_all, lab_all, sc_all, n_skipped = [], [], [], 0
     amp = args.amp and env.device.type == "cuda"
     for i, (batch, skipped) in enumerate(loader):
@@ -766,7 +944,7 @@ def predict(model, ds, args, env, static_frames=0):
         n_skipped += skipped
         if batch is None:
             continue
-        u8, y, idx = batch[0].to(env.device), batch[1], batch[2]
+        u8, y, idx = batch[0].to(env.device).flatten(0, 1), batch[1], batch[2]  # (B*V*K, 3, T, H, W)
         if static_frames:
             x = make_static(u8, torch.zeros(u8.shape[0], dtype=torch.long), num_frames=static_frames)
         else:
@@ -775,19 +953,15 @@ def predict(model, ds, args, env, static_frames=0):
             scores = model(x).float().softmax(dim=1).cpu()
         idx_all.append(idx)
         lab_all.append(y)
-        sc_all.append(scores)
+        sc_all.append(scores.view(len(idx), per_item, -1).double().mean(1).float())
     if not idx_all:
         idx, lab, sc = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1)
     else:
         idx, lab, sc = torch.cat(idx_all), torch.cat(lab_all), torch.cat(sc_all)
     # gather over ranks, dropping DistributedSampler's padded repeats by dataset index
     idx, lab, sc = cdist.gather_eval(idx, lab, sc)
-    per_item = ds.views * ds.crops
-    sc_avg, items = average_views(sc, idx // per_item)  # multi-view: mean of the views' softmax
-    lab_u = torch.zeros(len(items), dtype=torch.long)
-    lab_u[torch.searchsorted(items, idx // per_item)] = lab
     n_skipped = int(round(cdist.all_reduce_mean(n_skipped) * cdist.world_size()))
-    return items, lab_u, sc_avg, n_skipped
+    return idx, lab, sc, n_skipped
 
 
 def pair_metrics(scuba, scufo):
@@ -869,10 +1043,13 @@ def run(args, cache=None):
     env = cdist.setup(args.device)
     cdist.seed_everything(args.seed)
     out = Path(args.output_dir)
+    ckpt = resolve_resume(args.resume, out) if args.resume else None
+    if ckpt is None:  # a fresh real-data run needs pretrained weights unless --from-scratch
+        config.require_weights(args, f"the {args.arch} backbone")
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    # data
+    # data (every list, bias set and weights file is checked before the first training step)
     train, val, test, num_classes, label_of, info = load_splits(args)
     train, miss_tr = drop_missing(train, "train", args.strict)
     val, miss_va = drop_missing(val, "val", args.strict)
@@ -892,11 +1069,10 @@ def run(args, cache=None):
     # model
     model = build_model(args, num_classes).to(env.device)
     if args.weights:
-        init = load_pretrained(model, args.weights, num_classes)
+        init = load_pretrained(model, args.weights, num_classes, allow_partial=args.allow_partial_weights,
+                               trust=args.trust_checkpoint)
     else:
-        if args.arch == "swin3d_t" and env.is_main:
-            warnings.warn("no --weights: swin3d_t starts from RANDOM init; the paper's numbers need K400 weights")
-        init = {"init": "random"}
+        init = {"init": "random" if ckpt is None else f"resumed: {ckpt}"}
     if args.no_fused_ops:
         ops.set_backend("ref")
     args_record = copy.copy(args)
@@ -916,9 +1092,9 @@ def run(args, cache=None):
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
 
     start_epoch, best = 0, None
-    ckpt = resolve_resume(args.resume, out) if args.resume else None
     if ckpt is not None:
-        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, map_location=env.device)
+        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, map_location=env.device,
+                               trust=args.trust_checkpoint)
         start_epoch, best = meta["epoch"], meta["best_metric"]
         print(f"resumed from {ckpt} at epoch {start_epoch}")
 
@@ -971,7 +1147,10 @@ def run(args, cache=None):
     last_state = {k: v.clone() for k, v in model.state_dict().items()}
     blocks = [("last", last_state)]
     if (out / "best.pth").is_file():
-        blocks.insert(0, ("best", torch.load(out / "best.pth", map_location=env.device, weights_only=True)["model"]))
+        best_ckpt = read_checkpoint(out / "best.pth", env.device, trust=args.trust_checkpoint)
+        if not isinstance(best_ckpt, dict) or not isinstance(best_ckpt.get("model"), dict):
+            raise CheckpointError(f"{out / 'best.pth'} is not a checkpoint of this script (no 'model' state)")
+        blocks.insert(0, ("best", best_ckpt["model"]))
     else:
         blocks.insert(0, ("best", last_state))
     for name, state in blocks:
@@ -1061,7 +1240,7 @@ def _demo_run(job):
              "--hflip-prob", "0", "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
              "--limit-train-batches", str(a.steps_per_epoch), "--lr", str(a.lr), "--warmup-epochs", "0",
              "--eval-every", "2", "--eval-batch-size", "250",
-             "--workers", "0", "--device", "cpu", "--seed", str(seed),
+             "--workers", "0", "--device", "cpu", "--seed", str(seed), "--from-scratch",
              "--output-dir", str(Path(a.output_dir) / f"{method}_seed{seed}")] + a.extra.split()
     if method == "baseline":
         flags.append("--baseline")
@@ -1120,4 +1299,4 @@ def demo(argv):
 
 
 if __name__ == "__main__":
-    main()
+    config.run_main(main)

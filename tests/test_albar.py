@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 
 import train_albar as ta
+from common.checkpoint import CheckpointError
+from common.config import InputError
 from common.data import synthetic_video as sv
 from common.video import write_video
 
@@ -166,7 +168,7 @@ def test_static_frame_choices():
     assert ta.static_frame_index("40", 32, 1).tolist() == [31]
     r = ta.static_frame_index("random", 32, 1000, generator=torch.Generator().manual_seed(0))
     assert r.min() >= 0 and r.max() <= 31 and len(set(r.tolist())) > 20
-    with pytest.raises(SystemExit, match="static-frame"):
+    with pytest.raises(InputError, match="static-frame"):
         ta.static_frame_index("centre", 32, 1)
 
 
@@ -186,6 +188,36 @@ def test_clip_indices_spec():
     assert ta.clip_indices(20, 32, 2, train=True, rng=rng).tolist() == list(range(20)) + [19] * 12  # clamped
     starts = {ta.clip_indices(100, 32, 2, train=True, rng=rng)[0] for _ in range(300)}
     assert min(starts) == 0 and max(starts) == 35
+
+
+# (n, T, s, views, first index of each test view, first index of 4 train draws from default_rng(7)),
+# recorded from the sampling code before the clip reader moved onto common.video (issue 13); every
+# clip is min(start + s_eff * arange(T), n - 1) with s_eff = s, or 1 when s * T > n.
+PINNED_INDICES = [
+    (100, 32, 2, 3, [6, 18, 30], [34, 22, 24, 32]),
+    (64, 32, 2, 1, [0], [0, 0, 0, 0]),
+    (40, 32, 2, 2, [2, 6], [7, 5, 5, 7]),
+    (20, 32, 2, 3, [0, 0, 0], [0, 0, 0, 0]),        # shorter than the window: stride 1, clamped
+    (1, 8, 2, 1, [0], [0, 0, 0, 0]),
+    (9, 4, 3, 4, [0, 1, 3, 4], [4, 3, 3, 4]),
+    (65, 32, 2, 5, [0, 0, 0, 0, 0], [0, 0, 0, 0]),
+    (300, 16, 4, 10, [11, 35, 59, 82, 106, 129, 153, 177, 200, 224], [222, 147, 161, 211]),
+]
+
+
+@pytest.mark.parametrize("n,T,s,views,test_starts,train_starts", PINNED_INDICES)
+def test_clip_indices_pinned(n, T, s, views, test_starts, train_starts):
+    s_eff = s if s * T <= n else 1
+
+    def clip(start):
+        return np.minimum(start + s_eff * np.arange(T), n - 1).tolist()
+
+    got = [ta.clip_indices(n, T, s, train=False, num_clips=views, clip_idx=v).tolist() for v in range(views)]
+    assert got == [clip(st) for st in test_starts]
+    assert ta.clip_indices(n, T, s, train=False, start_mode="start").tolist() == clip(0)
+    rng = np.random.default_rng(7)
+    assert [ta.clip_indices(n, T, s, train=True, rng=rng).tolist() for _ in range(4)] == \
+        [clip(st) for st in train_starts]
 
 
 # ----------------------------------------------------------------------------- data formats
@@ -264,12 +296,14 @@ def test_bias_sets_pairing_scufo_fallback_and_labels(tmp_path):
     assert sets["Unseen"]["scufo"] is None                       # not shipped -> generated from SCUBA
     assert [i.vid for i in sets["Other"]["scuba"]] == [i.vid for i in sets["Other"]["scufo"]]
     assert sets["Other"]["scuba"][0].label == label_of[sets["Other"]["scuba"][0].vid.rsplit("__", 1)[0]]
-    frames = ta.read_frames(sets["Other"]["scuba"][0].path)
+    zpath = sets["Other"]["scuba"][0].path
+    assert ta.source_num_frames(zpath) == 8
+    frames, = ta.read_views(zpath, [np.arange(8)], size=16)
     assert frames.shape == (8, 16, 16, 3) and frames.dtype == np.uint8
     args = _args(num_frames=8, frame_stride=1, short_side=16, crop=16, scufo_seed=0)
     ds = ta.ClipDataset(sets["Unseen"]["scuba"], args, "image", scufo_seed=0, scufo_from_clip=True)
     a, b = ds[0][0], ds[0][0]
-    assert a.shape == (3, 1, 16, 16) and torch.equal(a, b)        # seeded by (scufo-seed, id)
+    assert a.shape == (1, 3, 1, 16, 16) and torch.equal(a, b)     # seeded by (scufo-seed, id)
     # an item whose video is in no list -> error naming it
     (root / "bias" / "SYNTH_SCUBA_Other" / "ghost__0.zip").write_bytes(b"")
     with pytest.raises(ValueError, match="ghost__0.zip: video 'ghost'"):
@@ -303,9 +337,10 @@ def test_bad_videos_skipped_and_counted_or_strict(tmp_path):
     args.strict = True
     with pytest.raises(ta.VideoDecodeError, match="bad.mp4"):
         ta.predict(model, ta.ClipDataset(items, args, "test"), args, env)
-    kept, n = ta.drop_missing(items + [ta.Item(tmp_path / "nope.mp4", 0, "nope")], "test", strict=False)
+    with pytest.warns(UserWarning, match="skipping 1 missing videos"):
+        kept, n = ta.drop_missing(items + [ta.Item(tmp_path / "nope.mp4", 0, "nope")], "test", strict=False)
     assert n == 1 and len(kept) == 2
-    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+    with pytest.raises(InputError, match="nope.mp4"):
         ta.drop_missing([ta.Item(tmp_path / "nope.mp4", 0, "nope")], "test", strict=True)
 
 
@@ -322,7 +357,8 @@ def test_multiview_scores_are_averaged_per_video(tmp_path):
     assert idx.tolist() == [0, 1] and lab.tolist() == [1, 0]
     model.eval()
     with torch.no_grad():
-        views = torch.stack([ds[i][0] for i in range(3)])
+        views = ds[0][0]
+        assert views.shape == (3, 3, 4, 16, 16)
         expect = model(ta.normalize(views)).softmax(1).mean(0)
     assert torch.allclose(sc[0], expect, atol=1e-6)
 
@@ -337,13 +373,244 @@ def test_swin3d_double_backward_and_pretrained_loading(tmp_path):
     src = ta.build_model(args, 400)
     torch.save(src.state_dict(), tmp_path / "k400.pth")
     info = ta.load_pretrained(model, tmp_path / "k400.pth", 5)
-    assert info["missing_keys"] == ["head.bias", "head.weight"] and len(info["sha256"]) == 64
+    assert info["missing_keys"] == [] and info["head"].startswith("new") and len(info["sha256"]) == 64
     assert torch.equal(model.patch_embed.proj.weight, src.patch_embed.proj.weight)
     torch.save(ta.SmallCNN3d(5).state_dict(), tmp_path / "cnn.pth")
-    with pytest.raises(RuntimeError, match="does not fit --arch"):
+    with pytest.raises(CheckpointError, match="does not fit"):
         ta.load_pretrained(model, tmp_path / "cnn.pth", 5)
-    with pytest.raises(FileNotFoundError, match="never downloaded"):
+    with pytest.raises(CheckpointError, match="never downloaded"):
         ta.load_pretrained(model, tmp_path / "none.pth", 5)
+
+
+# ----------------------------------------------------------------------------- clip reader (issue 13)
+
+def _frame_id_video(path, n, h=32, w=48):
+    """Frame t: the top half is grey 6*t (its id), the bottom half a horizontal grey ramp (x position)."""
+    frames = np.zeros((n, h, w, 3), np.uint8)
+    frames[:, : h // 2] = (6 * np.arange(n))[:, None, None, None]
+    frames[:, h // 2:] = np.linspace(0, 240, w).astype(np.uint8)[None, None, :, None]
+    write_video(path, frames, codec="libx264", quality=0)  # crf 0: the ids survive the codec
+    return frames
+
+
+def _ids(clip):  # (3, T, H, W) uint8 -> frame ids, read from rows 2..7 of a crop (inside the top half)
+    return (clip[0, :, 2:8].float().mean(dim=(1, 2)) / 6).round().long().tolist()
+
+
+def test_dataset_reads_the_pinned_indices_with_one_decode_per_video(tmp_path, monkeypatch):
+    n, T, s, views = 40, 8, 3, 3
+    _frame_id_video(tmp_path / "v.mp4", n)
+    items = [ta.Item(tmp_path / "v.mp4", 0, "v")]
+    args = _args(num_frames=T, frame_stride=s, short_side=32, crop=24, hflip_prob=0.0, train_crop="random")
+    calls = []
+    real = ta.video.decode_views
+    monkeypatch.setattr(ta.video, "decode_views", lambda p, v, size=None: calls.append((len(v), size)) or real(p, v, size=size))
+    monkeypatch.setattr(ta.video, "read_video", lambda *a, **k: pytest.fail("read_video called per sample"))
+    ds = ta.ClipDataset(items, args, "test", views=views, crops=3)
+    clips = ds[0][0]
+    assert clips.shape == (views * 3, 3, T, 24, 24)
+    assert calls == [(views, 32)]                     # ONE decode for 3 clips x 3 crops, resized on decode
+    for v in range(views):
+        want = ta.clip_indices(n, T, s, train=False, num_clips=views, clip_idx=v).tolist()
+        for c in range(3):
+            assert _ids(clips[3 * v + c]) == want
+    # the three crops: left / centre / right along the long side (x ramp in channel 1)
+    x0 = [int(clips[c, 0, 0, -2, 0]) for c in range(3)]
+    assert x0[0] < x0[1] < x0[2]
+    # train: the clip drawn by the per-sample rng of the pinned sampler
+    ds = ta.ClipDataset(items, args, "train")
+    np.random.seed(3)
+    got = [_ids(ds[0][0]) for _ in range(3)]
+    np.random.seed(3)
+    want = [ta.clip_indices(n, T, s, train=True, rng=np.random.default_rng(np.random.randint(2**31))).tolist()
+            for _ in range(3)]
+    assert got == want and len({tuple(g) for g in got}) > 1
+
+
+def test_demo_sized_clips_equal_the_full_decode_path(tmp_path):
+    """At the recipe's size (the demo: 32x32 videos, short side 32) decoding on the fly gives exactly
+    what the former full-video decode + torch resize gave, so the demo's numbers do not move."""
+    root = sv.build(tmp_path / "synth", num_train=6, num_test=2, num_frames=8, size=32, seed=0)
+    item = ta.parse_list_file(root / "train.txt", root)[0]
+    args = _args(num_frames=8, frame_stride=1, short_side=32, crop=28, test_clip_start="center")
+    from common.video import read_video, resize_short_side, center_crop
+    old = center_crop(resize_short_side(read_video(item.path), 32), 28).permute(3, 0, 1, 2)
+    assert torch.equal(ta.ClipDataset([item], args, "test")[0][0][0], old)
+
+
+def test_dataset_from_list_and_resize_on_decode(tmp_path):
+    _frame_id_video(tmp_path / "a.mp4", 12, h=48, w=64)
+    (tmp_path / "l.txt").write_text("a.mp4 1\n")
+    ds = ta.ClipDataset.from_list(tmp_path / "l.txt", "train", num_frames=4, frame_stride=2, short_side=24, crop=20)
+    clip, label, idx = ds[0]
+    assert clip.shape == (3, 4, 20, 20) and clip.dtype == torch.uint8 and (label, idx) == (1, 0)
+    test = ta.ClipDataset.from_list(tmp_path / "l.txt", "test", num_frames=4, short_side=24, crop=24, views=2)
+    assert test[0][0].shape == (2, 3, 4, 24, 24)      # 48x64 decoded at 24x32, centre crop 24
+    with pytest.raises(TypeError, match="unknown flag 'frames'"):
+        ta.ClipDataset.from_list(tmp_path / "l.txt", frames=4)
+
+
+# ----------------------------------------------------------------------------- StillMix lists (issue 15)
+
+def _frame_folder(path, frames):
+    path.mkdir(parents=True)
+    for t, f in enumerate(frames):
+        sv.write_jpeg(path / f"frame{t + 1:06d}.jpg", f)
+
+
+def test_stillmix_rawframes_lists_map_to_folders_zips_and_videos(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (6, 16, 16, 3), dtype=np.uint8)
+    _frame_folder(tmp_path / "gen" / "jump_1__0", frames)              # StillMix: <id>/frame%06d.jpg
+    sv.write_frames_zip(tmp_path / "gen" / "jump_1__1.zip", frames)    # ALBAR release: <id>.zip
+    write_video(tmp_path / "gen" / "run_2.mp4", frames)                # a video named by the id
+    (tmp_path / "testlist01.txt").write_text("jump_1__0 6 3\njump_1__1 6 3\nrun_2 7 1\nwave_3__0 6 2\n")
+    items = ta.parse_list_file(tmp_path / "testlist01.txt", tmp_path / "gen")
+    assert [(i.path.name, i.vid, i.label, i.nframes) for i in items] == [
+        ("jump_1__0", "jump_1__0", 3, 6), ("jump_1__1.zip", "jump_1__1", 3, 6), ("run_2.mp4", "run_2", 1, 7),
+        ("wave_3__0", "wave_3__0", 2, 6)]
+    with pytest.warns(UserWarning, match="skipping 1 missing"):        # wave_3__0 is not on disk
+        kept, n_missing = ta.drop_missing(items, "test", strict=False)
+    assert n_missing == 1 and len(kept) == 3
+    args = _args(num_frames=4, frame_stride=1, short_side=16, crop=16)
+    ds = ta.ClipDataset(kept, args, "test")
+    folder, zipped, vid = ds[0][0], ds[1][0], ds[2][0]
+    assert torch.equal(folder, zipped) and folder.shape == (1, 3, 4, 16, 16)   # same JPEGs, same frames
+    assert vid.shape == (1, 3, 4, 16, 16)          # the video's own count is used (the list's 7 is rawframes')
+    assert ta.ClipDataset(kept[:1], args, "train")[0][0].shape == (3, 4, 16, 16)   # training from a frame folder
+    # a folder whose frame count disagrees with the list is a bad item: skipped, or an error with --strict
+    bad = [ta.Item(tmp_path / "gen" / "jump_1__0", 3, "jump_1__0", nframes=9)]
+    with pytest.warns(UserWarning, match="list says 9 frames, found 6"):
+        assert ta.ClipDataset(bad, args, "test")[0] is None
+    args.strict = True
+    with pytest.raises(ta.VideoDecodeError, match="list says 9 frames"):
+        ta.ClipDataset(bad, args, "test")[0]
+
+
+def test_bias_set_from_a_stillmix_list_and_bad_lines(tmp_path):
+    rng = np.random.default_rng(1)
+    scuba = tmp_path / "bias" / "HMDB51_SCUBA_Places365"
+    for vid in ("jump_1__0", "jump_1__1", "wave_3__0"):
+        _frame_folder(scuba / vid, rng.integers(0, 255, (5, 16, 16, 3), dtype=np.uint8))
+    (scuba / "testlist01.txt").write_text("jump_1__0 5 3\nwave_3__0 5 2\n")   # jump_1__1 is not listed
+    sets, _ = ta.find_bias_sets(tmp_path / "bias", "HMDB51", {"jump_1": 3})
+    assert [(i.vid, i.label) for i in sets["Places365"]["scuba"]] == [("jump_1__0", 3), ("wave_3__0", 2)]
+    with pytest.raises(InputError, match=r"'jump_1__0' has label 3 but its video has label 0"):
+        ta.find_bias_sets(tmp_path / "bias", "HMDB51", {"jump_1": 0})
+    for text, where in (("jump_1__0\n", "testlist01.txt:1"), ("ok 5 1\njump_1__0 5 three\n", "testlist01.txt:2"),
+                        ("jump_1__0 0 3\n", "testlist01.txt:1")):
+        (scuba / "testlist01.txt").write_text(text)
+        with pytest.raises(InputError, match=where) as e:
+            ta.find_bias_sets(tmp_path / "bias", "HMDB51", {})
+        assert "\n" not in str(e.value)
+    (scuba / "testlist01.txt").write_text("jump_1__0 5 3 # a comment\n\njump_1__0 five 3\n")
+    with pytest.raises(InputError, match=r"testlist01.txt:3: 'jump_1__0 five' is not a video .*<frame_dir> <nframes> <label>"):
+        ta.find_bias_sets(tmp_path / "bias", "HMDB51", {})
+    (scuba / "other.txt").write_text("")
+    with pytest.raises(InputError, match="several list files"):
+        ta.find_bias_sets(tmp_path / "bias", "HMDB51", {})
+
+
+# ----------------------------------------------------------------------------- weights (issue 15/16)
+
+def _tiny(num_classes):
+    return ta.build_model(_args(arch="swin3d_tiny_test", drop_path=0.0), num_classes)
+
+
+def test_weights_in_every_official_layout_load(tmp_path):
+    src = _tiny(400)                                 # a K400-style 400-way model (torchvision keys)
+    sd = src.state_dict()
+    layouts = {
+        "torchvision": sd,                                                      # swin3d_t-7615ae03.pth
+        "albar_official": {"model_state_dict": sd},                             # ALBAR model_<ep>_bestAcc_*.pth
+        "albar_snapshot": {"epoch": 7, "model_state_dict": sd, "optimizer": {"state": {}, "param_groups": []}},
+        "project": {"model": sd, "epoch": 3, "extra": {"config": {"arch": "swin3d_tiny_test"}}},
+        "ddp": {"model_state_dict": {"module." + k: v for k, v in sd.items()}},
+    }
+    for name, obj in layouts.items():
+        torch.save(obj, tmp_path / f"{name}.pth")
+        model = _tiny(5)
+        info = ta.load_pretrained(model, tmp_path / f"{name}.pth", 5)
+        assert info["missing_keys"] == [] == info["unexpected_keys"], name
+        assert info["head"].startswith("new") and info["layout"] in ta.WEIGHT_LAYOUTS, name
+        assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items() if not k.startswith("head.")), name
+    # same class count: the head loads too (an ALBAR HMDB51 checkpoint evaluated on HMDB51)
+    model = _tiny(400)
+    assert ta.load_pretrained(model, tmp_path / "albar_official.pth", 400)["head"] == "loaded"
+    assert torch.equal(model.head.weight, src.head.weight)
+
+
+def test_weights_partial_or_foreign_files_are_errors_unless_allowed(tmp_path, monkeypatch):
+    sd = _tiny(400).state_dict()
+    part = {k: v for k, v in sd.items() if not k.startswith("features.0.0.attn.qkv")}
+    part["extra.scale"] = torch.ones(1)
+    torch.save(part, tmp_path / "part.pth")
+    with pytest.raises(CheckpointError, match=r"missing backbone keys \[features.0.0.attn.qkv.bias, "
+                                              r"features.0.0.attn.qkv.weight\]; unexpected keys \[extra.scale\]"):
+        ta.load_pretrained(_tiny(5), tmp_path / "part.pth", 5)
+    model = _tiny(5)
+    before = model.features[0][0].attn.qkv.weight.clone()
+    with pytest.warns(UserWarning, match="allow-partial-weights: 2 missing backbone keys"):
+        info = ta.load_pretrained(model, tmp_path / "part.pth", 5, allow_partial=True)
+    assert info["missing_keys"] == ["features.0.0.attn.qkv.bias", "features.0.0.attn.qkv.weight"]
+    assert info["unexpected_keys"] == ["extra.scale"] and torch.equal(model.features[0][0].attn.qkv.weight, before)
+    assert torch.equal(model.norm.weight, sd["norm.weight"])
+    # a Video-Swin / mmaction file names the conversion command
+    torch.save({"state_dict": {"backbone." + k: v for k, v in sd.items()}, "meta": {}}, tmp_path / "vs.pth")
+    with pytest.raises(CheckpointError, match="train_uas.py convert-weights"):
+        ta.load_pretrained(_tiny(5), tmp_path / "vs.pth", 5)
+    seen = []
+    monkeypatch.setattr(ta, "safe_load", lambda path, **kw: seen.append(kw["trust"]) or torch.load(path))
+    with pytest.warns(UserWarning, match="allow-partial-weights"):
+        ta.load_pretrained(_tiny(5), tmp_path / "part.pth", 5, allow_partial=True, trust=True)
+    assert seen == [True]                            # --trust-checkpoint reaches the loader
+    monkeypatch.undo()
+    torch.save({"epoch": 1}, tmp_path / "noweights.pth")
+    with pytest.raises(CheckpointError, match="expected a state dict of tensors"):
+        ta.load_pretrained(_tiny(5), tmp_path / "noweights.pth", 5)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _cli(argv, capsys):
+    """Run train_albar's CLI as `python train_albar.py` does; returns (exit code, stderr)."""
+    from common.config import run_main
+    with pytest.raises(SystemExit) as e:
+        run_main(ta.main, argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_cli_user_errors_are_one_line_and_payloads_never_run(tmp_path, capsys):
+    root = _mini_benchmark(tmp_path, n_train=12, n_test=6)
+    base = ["--dataset", "list", "--data-root", str(root), "--train-list", "train.txt", "--test-list", "test.txt",
+            "--arch", "cnn3d", "--cnn-width", "4", "--num-frames", "8", "--frame-stride", "1", "--short-side", "16",
+            "--crop", "16", "--epochs", "1", "--workers", "0", "--device", "cpu", "--val-fraction", "0",
+            "--output-dir", str(tmp_path / "out")]
+    code, err = _cli(base, capsys)                     # real data, no --weights, no --from-scratch
+    assert code == 2 and "no --weights given" in err and "--from-scratch" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()             # refused before any work
+    marker = tmp_path / "PWNED"
+    torch.save({"model": _Payload(marker)}, tmp_path / "evil.pth")
+    for flags in (["--weights", str(tmp_path / "evil.pth")], ["--resume", str(tmp_path / "evil.pth")],
+                  ["--resume", str(tmp_path / "evil.pth"), "--eval-only"]):
+        code, err = _cli(base + flags, capsys)
+        assert code == 2 and "evil.pth" in err and "--trust-checkpoint" in err and err.count("\n") == 1, err
+        assert not marker.exists()
+    (tmp_path / "trunc.pth").write_bytes((tmp_path / "evil.pth").read_bytes()[:40])
+    code, err = _cli(base + ["--weights", str(tmp_path / "trunc.pth")], capsys)
+    assert code == 2 and "trunc.pth" in err and err.count("\n") == 1
+    (root / "bad.txt").write_text("videos/train/synth_train_00000.mp4 0\nvideos/train/synth_train_00001.mp4\n")
+    code, err = _cli(base + ["--from-scratch", "--train-list", "bad.txt"], capsys)
+    assert code == 2 and "bad.txt:2: expected" in err and err.count("\n") == 1
+    code, err = _cli(base + ["--from-scratch", "--num-frames", "0"], capsys)
+    assert code == 2 and "--num-frames 0" in err
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -356,7 +623,7 @@ def test_short_run_loss_drops_and_outputs(tmp_path):
             "--num-frames", "8", "--frame-stride", "1", "--short-side", "16", "--crop", "16", "--hflip-prob", "0",
             "--epochs", "6", "--batch-size", "12", "--lr", "3e-3", "--warmup-epochs", "0", "--eval-every", "3",
             "--eval-batch-size", "32", "--workers", "0", "--device", "cpu", "--output-dir", str(out),
-            "--w-gp", "1"]
+            "--w-gp", "1", "--from-scratch"]
     args = ta.resolve_args(ta.parse_args(ta.build_parser(), argv))
     res = ta.run(args)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
