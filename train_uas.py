@@ -7,7 +7,7 @@ Spec: specs/uas.md. Read from main() down:
 
 Subcommands:
   python train_uas.py [flags]                      train / evaluate
-  python train_uas.py convert-weights IN OUT       Video-Swin (mmaction `backbone.*`) -> torchvision keys
+  python train_uas.py convert-weights IN OUT       any known Swin3D weights layout -> torchvision keys
   python train_uas.py k700diff-lists CSV VIDEO_ROOT OUT   K700 annotation CSV -> K700-diff list file
   python train_uas.py demo --output-dir runs/uas_demo  offline probe-vs-LoRA demo on synthetic clips
 """
@@ -270,31 +270,42 @@ def prepare_model(args, num_classes):
     if args.mode == "lora":
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_init, args.lora_impl)
     if args.weights:  # a UAS LoRA checkpoint's adapters load too (absent adapters keep their init)
-        load_pretrained(model, args.weights, strict=args.strict)
+        load_pretrained(model, args.weights, allow_partial=args.allow_partial_weights,
+                        trust=args.trust_checkpoint)
     set_trainable(model, args.mode)
     return model
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint conversion (spec §3.2): Video-Swin (mmaction) keys -> torchvision keys
+# Weights (spec §3.2): every known Swin3D layout is renamed to torchvision keys, no tensor reshaped.
+#   torchvision swin3d_b (e.g. KINETICS400_IMAGENET22K_V1), this script's exports: as is
+#   Video-Swin release / mmaction2 0.x: {"state_dict": {backbone.layers.{i}.blocks.{j}.*, backbone.norm.*,
+#                                        cls_head.fc_cls.*}, "meta": ...}
+#   mmaction2 1.x: the same, with the final norm named backbone.norm{last stage}.* (norm3 for Swin-B)
+#   UAS LoRA checkpoints: ...attn.lora_{q,v}.lora_{A,B}.weight
+# bare or under "state_dict" / "model", with or without a DDP "module." prefix.
 
 _VS_BLOCK = re.compile(r"^layers\.(\d+)\.blocks\.(\d+)\.(.+)$")
 _VS_DOWN = re.compile(r"^layers\.(\d+)\.downsample\.(.+)$")
 _VS_LORA = re.compile(r"^attn\.lora_([qv])\.lora_([AB])\.weight$")
+_VS_STAGE = re.compile(r"^(?:backbone\.)?layers\.(\d+)\.")
 
 
 def is_video_swin_layout(state):
     return any(k.startswith(("backbone.", "layers.", "cls_head.")) for k in state)
 
 
-def convert_video_swin_key(key):
-    """One Video-Swin key -> torchvision key (None for keys that have no torchvision counterpart)."""
+def convert_video_swin_key(key, last_stage=None):
+    """One Video-Swin key -> torchvision key (None for keys without a counterpart). With
+    `last_stage` = i, mmaction2 1.x's final norm `norm{i}.*` maps to `norm.*`."""
     if key.startswith("cls_head.fc_cls."):
         return "head." + key[len("cls_head.fc_cls."):]
     if key.startswith("backbone."):
         key = key[len("backbone."):]
     if key.startswith(("patch_embed.", "norm.")):
         return key
+    if last_stage is not None and key.startswith(f"norm{last_stage}."):
+        return "norm." + key[len(f"norm{last_stage}."):]
     m = _VS_BLOCK.match(key)
     if m:
         i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
@@ -315,56 +326,20 @@ def convert_video_swin_key(key):
 
 
 def convert_video_swin(state):
-    """Rename a Video-Swin state dict to torchvision keys. No tensor is reshaped. Keys without a
-    counterpart are kept under their original name so that they show up as 'unexpected'."""
+    """Rename a Video-Swin / mmaction state dict to torchvision keys. Keys without a counterpart
+    keep their name, so that loading reports them as unexpected."""
+    last = max((int(m.group(1)) for k in state if (m := _VS_STAGE.match(k))), default=None)
     out = {}
     for k, v in state.items():
-        new = convert_video_swin_key(k)
+        new = convert_video_swin_key(k, last)
         out[new if new is not None else k] = v
     return out
 
 
-def to_video_swin(state):
-    """Inverse mapping (torchvision -> Video-Swin mmaction layout); used by tests and for export."""
-    out = {}
-    for k, v in state.items():
-        if k.startswith("head."):
-            out["cls_head.fc_cls." + k[5:]] = v
-            continue
-        m = re.match(r"^features\.(\d+)\.(.+)$", k)
-        if not m:
-            out["backbone." + k] = v
-            continue
-        si, rest = int(m.group(1)), m.group(2)
-        if si % 2 == 1:
-            out[f"backbone.layers.{si // 2}.downsample.{rest}"] = v
-            continue
-        j, rest = rest.split(".", 1)
-        lm = re.match(r"^attn\.lora_([AB])_([qv])$", rest)
-        if lm:
-            rest = f"attn.lora_{lm.group(2)}.lora_{lm.group(1)}.weight"
-        elif rest.startswith("mlp.0."):
-            rest = "mlp.fc1." + rest[6:]
-        elif rest.startswith("mlp.3."):
-            rest = "mlp.fc2." + rest[6:]
-        out[f"backbone.layers.{si // 2}.blocks.{j}.{rest}"] = v
-    return out
-
-
-def read_state_dict(path):
-    """A local weights file -> flat state dict of tensors (mmaction {'state_dict','meta'} accepted)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ckpt_lib.CheckpointError(f"--weights {path}: file not found (weights are never downloaded)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # an mmaction `meta` with non-tensor objects (spec §10.8)
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-            warnings.warn(f"{path}: weights_only load failed ({type(e).__name__}); used the full unpickler")
-        except Exception as e2:
-            raise ckpt_lib.CheckpointError(f"--weights {path}: cannot read as a torch file: {e2}") from e2
-    state = obj
+def read_state_dict(path, trust=False):
+    """A local weights file (any layout above) -> flat state dict of tensors in torchvision keys.
+    Loaded with common.checkpoint.safe_load (never runs code from the file unless `trust`)."""
+    state = ckpt_lib.safe_load(path, what="--weights", trust=trust)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -375,43 +350,48 @@ def read_state_dict(path):
     return convert_video_swin(state) if is_video_swin_layout(state) else state
 
 
-def load_pretrained(model, path, strict=False, verbose=True):
-    """Load backbone weights (torchvision or Video-Swin layout). The head is loaded only when its
-    class count matches; otherwise it is discarded (new task, spec §3.2). Backbone shape mismatches
-    (another model) are an error naming the keys; missing backbone keys are an error with --strict.
-    Returns (loaded, missing, unexpected)."""
-    state = read_state_dict(path)
+def _some(keys, n=8):
+    return "[" + ", ".join(keys[:n]) + (f" ... (+{len(keys) - n} more)" if len(keys) > n else "") + "]"
+
+
+def load_pretrained(model, path, *, allow_partial=False, trust=False, verbose=True):
+    """Load --weights into the model. The file's head loads only when its class count matches
+    (otherwise it is discarded: a new task). A shape mismatch is always an error; a backbone key
+    the file lacks, or a file key the model lacks, is an error naming the keys unless
+    `allow_partial` (--allow-partial-weights), which loads the rest and lists them. Never counted
+    as missing: the head, LoRA adapters (a plain backbone file has none: they keep their init) and
+    the deterministic relative-position index buffers. Returns (n loaded, missing, unexpected)."""
+    state = read_state_dict(path, trust=trust)
     own = model.state_dict()
     notes = []
     if "head.weight" in state and tuple(state["head.weight"].shape) != tuple(own["head.weight"].shape):
         notes.append(f"discarded the file's head {tuple(state['head.weight'].shape)} "
                      f"(model head {tuple(own['head.weight'].shape)}: a new task)")
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-           if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise ckpt_lib.CheckpointError(
-            f"--weights {path} does not fit this Swin3D (another model or config?): {len(bad)} shape mismatches: "
-            + "; ".join(bad[:8]) + (f" ... (+{len(bad) - 8} more)" if len(bad) > 8 else ""))
-    missing = sorted(k for k in own if k not in state and ".lora_" not in k)
-    unexpected = sorted(k for k in state if k not in own)
-    # the relative-position index buffers are deterministic: keep the model's own if absent
-    missing_real = [k for k in missing if not k.endswith("relative_position_index") and not k.startswith("head.")]
-    if strict and (missing_real or unexpected):
-        raise ckpt_lib.CheckpointError(f"--weights {path} (--strict): missing keys {missing_real[:8]}"
-                                       f"{' ...' if len(missing_real) > 8 else ''} ({len(missing_real)}), "
-                                       f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
-                                       f"({len(unexpected)})")
     if not any(k in own for k in state):
         raise ckpt_lib.CheckpointError(f"--weights {path}: no key matches this model (first file keys: "
                                        f"{list(state)[:5]}); expected torchvision Swin3D or Video-Swin keys")
+    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ckpt_lib.CheckpointError(f"--weights {path} does not fit this Swin3D (another model or config?): "
+                                       f"{len(bad)} shape mismatches {_some(bad)}")
+    missing = sorted(k for k in own if k not in state and not k.startswith("head.") and ".lora_" not in k
+                     and not k.endswith("relative_position_index"))
+    unexpected = sorted(k for k in state if k not in own)
+    if (missing or unexpected) and not allow_partial:
+        parts = ([f"{len(missing)} backbone keys missing {_some(missing)}"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected keys {_some(unexpected)}"] if unexpected else [])
+        hint = " (LoRA adapters: use --mode lora)" if any(".lora_" in k for k in unexpected) else ""
+        raise ckpt_lib.CheckpointError(f"--weights {path} does not fully fit this Swin3D: {', '.join(parts)}{hint}; "
+                                       "pass --allow-partial-weights to load the rest anyway")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    loaded = len(state) - len(unexpected)
     if verbose and dist.is_main():
-        print(f"[weights] {path}: loaded {len(state) - len(unexpected)} tensors; "
-              f"missing {len(missing)} {missing_real[:6]}{' ...' if len(missing_real) > 6 else ''}; "
-              f"unexpected {len(unexpected)} {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
-              + (("; " + "; ".join(notes)) if notes else ""))
-    return len(state) - len(unexpected), missing, unexpected
+        print(f"[weights] {path}: loaded {loaded} tensors"
+              + (f"; PARTIAL (--allow-partial-weights): missing {_some(missing, 6)}, unexpected {_some(unexpected, 6)}"
+                 if missing or unexpected else "") + "".join("; " + n for n in notes))
+    return loaded, missing, unexpected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,7 +402,7 @@ def read_list(list_file, num_classes):
     """[(relative path, label)]; split on the LAST whitespace (Kinetics folders contain spaces)."""
     list_file = Path(list_file)
     if not list_file.is_file():
-        raise FileNotFoundError(f"list file not found: {list_file}")
+        raise config_lib.InputError(f"list file not found: {list_file}")
     items = []
     for n, line in enumerate(list_file.read_text().splitlines(), 1):
         line = line.strip()
@@ -430,13 +410,14 @@ def read_list(list_file, num_classes):
             continue
         parts = line.rsplit(None, 1)
         if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
-            raise ValueError(f"{list_file}:{n}: expected '<relative/path.mp4> <label>', got {line!r}")
+            raise config_lib.InputError(f"{list_file}:{n}: expected '<relative/path.mp4> <label>', got {line!r}")
         label = int(parts[1])
         if not 0 <= label < num_classes:
-            raise ValueError(f"{list_file}:{n}: label {label} out of range [0, {num_classes}) for {parts[0]!r}")
+            raise config_lib.InputError(f"{list_file}:{n}: label {label} out of range [0, {num_classes}) "
+                                        f"for {parts[0]!r}")
         items.append((parts[0], label))
     if not items:
-        raise ValueError(f"{list_file}: no entries")
+        raise config_lib.InputError(f"{list_file}: no entries")
     return items
 
 
@@ -456,83 +437,35 @@ def clip_indices(offset, num_frames, clip_len, interval):
     return (offset + np.arange(clip_len) * interval) % num_frames
 
 
-def resize_short(frames, size):
-    """(L,C,H,W) float -> short side = size (bilinear, aspect kept)."""
-    h, w = frames.shape[-2:]
-    if min(h, w) == size:
-        return frames
-    if h <= w:
-        nh, nw = size, max(1, int(round(w * size / h)))
-    else:
-        nh, nw = max(1, int(round(h * size / w))), size
-    return F.interpolate(frames, size=(nh, nw), mode="bilinear", align_corners=False)
-
-
-def random_resized_box(h, w, rng, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
-    """mmaction RandomResizedCrop box (one per clip): area fraction and log-uniform aspect."""
-    for _ in range(tries):
-        target = rng.uniform(*area) * h * w
-        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-            return y, x, ch, cw
-    s = min(h, w)  # fallback: centre square
-    return (h - s) // 2, (w - s) // 2, s, s
-
-
-def normalize(frames):
-    """(L,C,H,W) float 0-255 -> (C,L,H,W) normalised (NCTHW layout per sample)."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return ((frames - mean) / std).permute(1, 0, 2, 3).contiguous()
-
-
-def train_transform(frames, rng, short_side=256, crop=224, min_area=0.08):
-    """short side 256 -> RandomResizedCrop(0.08-1, 3/4-4/3) -> 224x224 (aspect ignored) -> hflip p=0.5."""
-    x = resize_short(frames, short_side)
-    y0, x0, ch, cw = random_resized_box(x.shape[-2], x.shape[-1], rng, area=(min_area, 1.0))
-    x = F.interpolate(x[..., y0:y0 + ch, x0:x0 + cw], size=(crop, crop), mode="bilinear", align_corners=False)
-    if rng.random() < 0.5:
-        x = x.flip(-1)
-    return normalize(x)
-
-
-def center_transform(frames, short_side=256, crop=224):
-    x = resize_short(frames, short_side)
-    h, w = x.shape[-2:]
-    y0, x0 = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
-    return normalize(x[..., y0:y0 + crop, x0:x0 + crop])
-
-
-def three_crop_transform(frames, short_side=224, crop=224):
-    """short side 224 -> ThreeCrop: crops at both ends and the centre of the long side."""
-    x = resize_short(frames, short_side)
-    h, w = x.shape[-2:]
-    if w >= h:
-        starts = [(max(0, (h - crop) // 2), s) for s in (0, (w - crop) // 2, max(0, w - crop))]
-    else:
-        starts = [(s, max(0, (w - crop) // 2)) for s in (0, (h - crop) // 2, max(0, h - crop))]
-    return [normalize(x[..., y0:y0 + crop, x0:x0 + crop]) for y0, x0 in starts]
+def normalize(clip):
+    """uint8 (L,H,W,3) -> float (3,L,H,W), (x - MEAN) / STD in 0-255 units (mmaction Normalize, NCTHW)."""
+    return video.to_float_normalized(clip, [m / 255 for m in MEAN], [s / 255 for s in STD])
 
 
 class VideoListDataset(torch.utils.data.Dataset):
-    """One item per list entry. split "train": one augmented clip (C,L,S,S); "val": one centre clip;
-    "test": clips x crops views (V,C,L,S,S). An undecodable video returns None (skipped and counted
-    by the caller) unless strict, which raises naming the file."""
+    """The clips of a list file "relative/path.mp4 <label>" (videos under `root`), read through
+    common.video (frame count from its index, only the sampled frames decoded, the short side
+    resized on decode). split "train": one clip (3,L,S,S): SampleFrames offset, short side
+    `short_side`, RandomResizedCrop (area min_area-1) -> S x S, flip p=0.5; "val": (1,3,L,S,S), the
+    centre clip at short side `short_side`, centre crop; "test": (test_clips x test_crops,3,L,S,S),
+    short side `test_short_side`, ThreeCrop (3) or centre crop (1), all views from one decode.
+    Items are (views, label, index); an undecodable video gives None (warned, skipped and counted by
+    `video.collate_skip_none`) unless strict, which raises naming the file. Randomness is drawn from
+    (seed, epoch, index): set `.epoch` each epoch."""
 
     def __init__(self, root, list_file, num_classes, split, *, clip_len=32, frame_interval=2, test_clips=4,
-                 test_crops=3, short_side=256, crop_size=224, test_short_side=224, strict=False, limit=0, seed=0, min_area=0.08):
+                 test_crops=3, short_side=256, crop_size=224, test_short_side=224, strict=False, limit=0, seed=0,
+                 min_area=0.08):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split {split!r}: expected train, val or test")
+        if test_crops not in (1, 3):
+            raise config_lib.InputError(f"--test-crops {test_crops}: expected 1 (centre) or 3 (ThreeCrop)")
         self.root, self.split, self.strict = Path(root), split, strict
-        self.items = read_list(list_file, num_classes)
-        if limit:
-            self.items = self.items[:limit]
+        self.items = read_list(list_file, num_classes)[:limit or None]
         self.num_classes, self.clip_len, self.interval = num_classes, clip_len, frame_interval
         self.test_clips, self.test_crops = test_clips, test_crops
         self.short_side, self.crop, self.test_short_side = short_side, crop_size, test_short_side
         self.seed, self.epoch, self.min_area = seed, 0, min_area
-        if test_crops not in (1, 3):
-            raise ValueError(f"--test-crops {test_crops}: expected 1 (centre) or 3 (ThreeCrop)")
 
     def __len__(self):
         return len(self.items)
@@ -540,50 +473,27 @@ class VideoListDataset(torch.utils.data.Dataset):
     def class_histogram(self):
         return np.bincount([lab for _, lab in self.items], minlength=self.num_classes).tolist()
 
-    def _rng(self, index):
-        # per (seed, epoch, index): deterministic under any worker/rank layout and after resume
-        return np.random.default_rng([self.seed, self.epoch, index])
-
     def __getitem__(self, index):
-        rel, label = self.items[index]
-        path = self.root / rel
-        try:
-            frames = video.read_video(path)  # exact decoded frame count (spec §2)
-        except video.VideoDecodeError as e:
-            if self.strict:
-                raise
-            warnings.warn(f"skipping undecodable video: {e}")
-            return None
-        n = frames.shape[0]
-        rng = self._rng(index)
+        path = self.root / self.items[index][0]
+        return video.load_or_skip(lambda: self._load(path, index), path, self.strict)
+
+    def _load(self, path, index):
+        n = video.num_frames(path)  # exact decoded frame count (spec §2), from the demux-only index
+        rng = np.random.default_rng([self.seed, self.epoch, index])  # any worker/rank layout, resume
+        label = self.items[index][1]
         if self.split == "train":
-            idx = clip_indices(sample_offsets(n, self.clip_len, self.interval, train=True, rng=rng)[0],
-                               n, self.clip_len, self.interval)
-            clip = torch.from_numpy(frames[idx]).permute(0, 3, 1, 2).float()
-            return train_transform(clip, rng, self.short_side, self.crop, self.min_area), label, index
-        if self.split == "val":
-            idx = clip_indices(sample_offsets(n, self.clip_len, self.interval, train=False, num_clips=1)[0],
-                               n, self.clip_len, self.interval)
-            clip = torch.from_numpy(frames[idx]).permute(0, 3, 1, 2).float()
-            return center_transform(clip, self.short_side, self.crop).unsqueeze(0), label, index
-        views = []
-        for o in sample_offsets(n, self.clip_len, self.interval, train=False, num_clips=self.test_clips):
-            clip = torch.from_numpy(frames[clip_indices(o, n, self.clip_len, self.interval)]).permute(0, 3, 1, 2).float()
-            if self.test_crops == 3:
-                views += three_crop_transform(clip, self.test_short_side, self.crop)
-            else:
-                views.append(center_transform(clip, self.test_short_side, self.crop))
-        return torch.stack(views), label, index
-
-
-def collate(batch):
-    """Drop None (bad videos) and stack; returns (clips, labels, indices, n_skipped) or None if all bad."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
-    if not good:
-        return None, skipped
-    clips, labels, idx = zip(*good)
-    return (torch.stack(clips), torch.tensor(labels), torch.tensor(idx)), skipped
+            o = sample_offsets(n, self.clip_len, self.interval, train=True, rng=rng)[0]
+            clip = video.decode_clip(path, clip_indices(o, n, self.clip_len, self.interval), size=self.short_side)
+            clip = video.mmaction_random_resized_crop(clip, self.crop, scale=(self.min_area, 1.0), rng=rng)
+            return normalize(video.hflip(clip) if rng.random() < 0.5 else clip), label, index
+        val = self.split == "val"
+        offsets = sample_offsets(n, self.clip_len, self.interval, train=False, num_clips=1 if val else self.test_clips)
+        clips = video.decode_views(path, [clip_indices(o, n, self.clip_len, self.interval) for o in offsets],
+                                   size=self.short_side if val else self.test_short_side)
+        three = not val and self.test_crops == 3
+        views = [v for c in clips for v in (video.mmaction_three_crop(c, self.crop) if three
+                                            else [video.center_crop(c, self.crop)])]
+        return torch.stack([normalize(v) for v in views]), label, index
 
 
 def resolve_data(args):
@@ -607,7 +517,7 @@ def resolve_data(args):
         if v not in (None, ""):
             return v
         if key not in preset:
-            raise SystemExit(f"--dataset {args.dataset}: --{flag.replace('_', '-')} is required")
+            raise config_lib.InputError(f"--dataset {args.dataset}: --{flag.replace('_', '-')} is required")
         return preset[key] if key in ("num_classes", "batch_size", "frame_interval", "test_clips") \
             else str(base / preset[key])
 
@@ -628,7 +538,8 @@ def resolve_data(args):
     elif "class_names" in preset:
         names = list(preset["class_names"])
     if names is not None and len(names) != args.num_classes:
-        raise SystemExit(f"class names: {len(names)} names for {args.num_classes} classes")
+        raise config_lib.InputError(f"--class-names {args.class_names or args.dataset}: {len(names)} names for "
+                                    f"{args.num_classes} classes")
     args.class_name_list = names or [str(i) for i in range(args.num_classes)]
     return args
 
@@ -677,26 +588,27 @@ def set_lr(optimizer, base_lr, factor):
 
 def trainable_state(model, everything=False):
     """What a checkpoint stores: the trainable tensors (everything in full FT, or when the frozen
-    backbone cannot be rebuilt from --weights, i.e. --random-init)."""
+    backbone cannot be rebuilt from --weights: --from-scratch, --synthetic)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v.detach().clone() for k, v in model.state_dict().items() if everything or k in names}
 
 
 def save_training_state(path, model, optimizer, scaler, epoch, step, best, args):
-    ckpt_lib.atomic_save({"model": trainable_state(model, everything=not args.weights), "optimizer": optimizer.state_dict(),
-                          "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
-                          "step": step, "best_metric": best, "rng": ckpt_lib.rng_state(),
+    ckpt_lib.atomic_save({"model": trainable_state(model, everything=not args.weights),
+                          "optimizer": optimizer.state_dict(),
+                          "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch, "step": step,
+                          "best_metric": best, "rng": ckpt_lib.rng_state(),
                           "mode": args.mode, "num_classes": args.num_classes}, path)
 
 
-def load_training_state(path, model, optimizer=None, scaler=None):
+def load_training_state(path, model, optimizer=None, scaler=None, trust=False):
     """Restore trainable tensors (+ optimizer/scaler/RNG). The frozen backbone comes from --weights."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = ckpt_lib.safe_load(path, what="checkpoint", trust=trust)
     if not isinstance(ck, dict) or "model" not in ck:
         raise ckpt_lib.CheckpointError(f"{path} is not a train_uas.py checkpoint (no 'model' key)")
     own = model.state_dict()
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(own) <= set(ck["model"]):  # a full state (random-init backbone)
+    if set(own) <= set(ck["model"]):  # a full state (backbone not from --weights)
         expected = set(own)
     missing = sorted(expected - set(ck["model"]))
     unexpected = sorted(set(ck["model"]) - set(own))
@@ -853,7 +765,6 @@ def get_parser():
     g = p.add_argument_group("model")
     g.add_argument("--mode", default="probe", choices=["probe", "lp", "lora", "full"],
                    help="probe (= lp, the UAS mode): head only; lora: q/v adapters + head; full: everything")
-    g.add_argument("--random-init", action="store_true", help="allow training without --weights")
     g.add_argument("--embed-dim", type=int, default=128)
     g.add_argument("--depths", type=int_list(0), default=[2, 2, 18, 2], help="comma-separated blocks per stage")
     g.add_argument("--num-heads", type=int_list(0), default=[4, 8, 16, 32])
@@ -931,7 +842,7 @@ def main(argv=None):
         if args.num_classes is None:
             args.num_classes = PRESETS.get(args.dataset, {}).get("num_classes")
             if args.num_classes is None:
-                raise SystemExit("--print-params with --dataset custom needs --num-classes")
+                raise config_lib.InputError("--print-params with --dataset custom needs --num-classes")
         model = build_model(args, args.num_classes)
         if args.mode == "lora":
             add_lora(model, args.lora_rank, args.lora_alpha, args.lora_init, args.lora_impl)
@@ -945,6 +856,7 @@ def train(args):
     """One run: data -> model -> (train) -> test. Returns the results dict."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    config_lib.require_weights(args, "the Swin3D backbone")
     env = dist.setup(args.device)
     dist.seed_everything(args.seed)  # same model init (head, adapters, random backbone) on every rank
     args = resolve_data(args)
@@ -955,9 +867,6 @@ def train(args):
         (out / "plots").mkdir(exist_ok=True)
         flags = {a.dest for a in get_parser()._actions} | {"config"}
         config_lib.save_config(argparse.Namespace(**{k: v for k, v in vars(args).items() if k in flags}), out)
-    if not args.weights and not args.random_init and not args.synthetic:
-        raise SystemExit("--weights PATH is required (a local Video-Swin or torchvision Swin3D-B file); "
-                         "pass --random-init to train from scratch")
 
     kw = dict(clip_len=args.clip_len, short_side=args.short_side, crop_size=args.crop_size,
               test_short_side=args.test_short_side, strict=args.strict, seed=args.seed, min_area=args.rrc_min_area)
@@ -972,6 +881,7 @@ def train(args):
     if env.is_main:
         print(f"[data] train {len(train_set)} videos, class histogram {train_set.class_histogram()}")
         print(f"[data] test {len(test_set)} videos x {args.test_clips} clips x {args.test_crops} crops")
+    collate = video.collate_skip_none
     train_loader = dist.make_loader(train_set, args.batch_size, shuffle=True, workers=args.workers, seed=args.seed,
                                     collate_fn=collate)
     test_loader = dist.make_loader(test_set, 1, shuffle=False, workers=args.workers, collate_fn=collate)
@@ -991,12 +901,12 @@ def train(args):
     resume = ckpt_lib.resolve_resume(args.resume, out)
     if resume is not None:
         ck = load_training_state(resume, model, None if args.eval_only else optimizer,
-                                 None if args.eval_only else scaler)
+                                 None if args.eval_only else scaler, trust=args.trust_checkpoint)
         start_epoch, step, best = ck["epoch"], ck["step"], ck.get("best_metric")
         if env.is_main:
             print(f"[resume] {resume}: epoch {start_epoch}, step {step}")
     elif args.eval_only:
-        raise SystemExit("--eval-only needs --resume CKPT (or 'auto' with a checkpoint in --output-dir)")
+        raise config_lib.InputError("--eval-only needs --resume CKPT (or 'auto' with a checkpoint in --output-dir)")
     ddp_model = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index]
                                                            if env.device.type == "cuda" else None)
                  if env.distributed else model)
@@ -1033,8 +943,8 @@ def train(args):
 
     if args.test_checkpoint == "best" and not args.eval_only:
         if not (out / "best.pth").is_file():
-            raise SystemExit("--test-checkpoint best needs --val-every > 0 (no best.pth was written)")
-        load_training_state(out / "best.pth", model)
+            raise config_lib.InputError("--test-checkpoint best needs --val-every > 0 (no best.pth was written)")
+        load_training_state(out / "best.pth", model, trust=args.trust_checkpoint)
     eval_model = model
     if args.merge_lora_eval and args.mode == "lora":
         import copy
@@ -1089,12 +999,16 @@ def export_merged(model, path, args, device):
 
 def convert_weights_cli(argv):
     p = argparse.ArgumentParser(prog="train_uas.py convert-weights",
-                                description="Video-Swin (mmaction backbone.*/cls_head.*) -> torchvision Swin3D keys")
+                                description="any known Swin3D weights layout (Video-Swin release, mmaction2 0.x/1.x, "
+                                            "torchvision) -> a tensors-only file in torchvision Swin3D keys")
     p.add_argument("input")
     p.add_argument("output")
     p.add_argument("--drop-head", action="store_true", help="do not keep cls_head.fc_cls as head.*")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="DANGEROUS: read INPUT with the full unpickler (it can run code from the file); only for a "
+                        "file you trust. OUTPUT holds tensors only and loads safely")
     a = p.parse_args(argv)
-    state = read_state_dict(a.input)
+    state = read_state_dict(a.input, trust=a.trust_checkpoint)
     if a.drop_head:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     known = re.compile(r"^(patch_embed\.|norm\.|head\.|features\.\d+\.)")
@@ -1178,14 +1092,14 @@ def demo(argv):
         for seed in a.seeds:
             out = Path(a.output_dir) / f"{method}_seed{seed}"
             flags = ["--synthetic", "--data-root", a.data_root, "--output-dir", str(out), "--mode", method,
-                     "--random-init", "--seed", str(seed), "--epochs", str(a.epochs), "--lr", str(a.lr),
+                     "--seed", str(seed), "--epochs", str(a.epochs), "--lr", str(a.lr),
                      "--backbone-lr-mult", str(a.backbone_lr_mult), "--lora-rank", str(a.lora_rank),
                      "--batch-size", "8", "--accum-steps", "1", "--warmup-epochs", "1", "--workers", "0",
                      "--device", "cpu", *DEMO_DATA, *DEMO_MODEL, *a.extra.split()]
             print(f"\n=== {method} seed {seed} ===")
             t0, c0 = time.time(), time.process_time()
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="skipping undecodable video")
+                warnings.filterwarnings("ignore", message="skipping bad video")
                 r = train(finalize_args(config_lib.parse_args(get_parser(), flags)))
             rows.append({"method": method, "seed": seed, "top1": r["top1"], "top5": r["top5"],
                          "mean_class": r["mean_class"], "mAP": r["mAP"], "trainable_params": r["trainable_params"],
@@ -1204,4 +1118,4 @@ def demo(argv):
 
 
 if __name__ == "__main__":
-    main()
+    config_lib.run_main(main)
