@@ -251,9 +251,10 @@ def cases(device, quick):
 
 # ---- driver ------------------------------------------------------------------------------------
 
-def header(device, bw):
+def header(device, bw, args):
     h = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-         "ops_build": ops.BUILD_INFO, "copy_bandwidth_GBps": bw / 1e9, "threads": torch.get_num_threads()}
+         "ops_build": ops.BUILD_INFO, "copy_bandwidth_GBps": bw / 1e9, "threads": torch.get_num_threads(),
+         "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "budget_s": args.budget_s or None}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         h.update(gpu=p.name, sm_count=p.multi_processor_count, memory_GiB=p.total_memory / 2 ** 30)
@@ -268,6 +269,73 @@ def header(device, bw):
     return h
 
 
+# Variants are timed in phases over all cases, so a time budget (--budget-s) that runs out still leaves
+# the goal rows (eager, op, floor; the plain linear for lora_linear) of every case; then the other
+# extra rows; then torch.compile(reference), whose compiles take most of the time on a fresh machine.
+PHASES = (("eager", "op", "plain_linear"), "extras", ("compiled",))
+ORDER = ("eager", "compiled", "op")
+
+
+def phase_variants(case, phase, no_compile):
+    if phase == "extras":
+        return [n for n in case["extras"] if n != "plain_linear"]
+    if phase == ("compiled",) and no_compile:
+        return []
+    return [n for n in (*ORDER, *case["extras"]) if n in phase]
+
+
+def variant_fn(case, name):
+    if name == "eager":
+        return with_backend("ref", case["ref"])
+    if name == "compiled":
+        torch._dynamo.reset()
+        return torch.compile(case["ref"], fullgraph=True)
+    if name == "op":
+        return with_backend("auto", case["fn"])
+    return case["extras"][name]
+
+
+def case_rows(case, res_by_pass, bw):
+    """Table rows of one case from {pass: {variant: us or None}}."""
+    rows = []
+    for pas, res in res_by_pass.items():
+        res = dict(res)
+        floor_bytes = (case["floor"] or {}).get(pas)
+        if floor_bytes:
+            res["floor"] = floor_bytes / bw * 1e6
+        names = [n for n in (*ORDER, *case["extras"], "floor") if res.get(n) is not None]
+        for name in names:
+            us = res[name]
+            row = dict(op=case["op"], shape=case["shape"], dtype=case["dtype"], variant=name, us=us)
+            if floor_bytes:
+                row.update(GBps=floor_bytes / (us * 1e-6) / 1e9, x_floor=us / res["floor"])
+            if res.get("eager"):
+                row["speedup_vs_eager"] = res["eager"] / us
+            if res.get("compiled"):
+                row["speedup_vs_compiled"] = res["compiled"] / us
+            if case["op"] == "lora_linear" and res.get("plain_linear"):
+                row["x_plain_linear"] = us / res["plain_linear"]
+            row["pass"] = pas
+            rows.append(row)
+    return rows
+
+
+def print_rows(rows):
+    print(f"{'op':16s} {'shape':40s} {'dtype':10s} {'pass':8s} {'variant':20s} {'us':>10s} {'GB/s':>8s} "
+          f"{'x floor':>8s} {'vs eager':>9s} {'vs comp':>8s}")
+    for r in rows:
+        print(f"{r['op']:16s} {r['shape']:40s} {r['dtype']:10s} {r['pass']:8s} {r['variant']:20s} {r['us']:10.1f} "
+              f"{r.get('GBps', float('nan')):8.1f} {r.get('x_floor', float('nan')):8.2f} "
+              f"{r.get('speedup_vs_eager', float('nan')):9.2f} {r.get('speedup_vs_compiled', float('nan')):8.2f}")
+
+
+def write_results(path, hdr, rows, notes):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"header": hdr, "notes": notes, "rows": rows}, f, indent=1)
+    os.replace(tmp, path)  # atomic: a run killed by a timeout leaves the last complete table
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -279,6 +347,8 @@ def main(argv=None):
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="start no new case after this many seconds (0 = no limit); skipped work is listed in notes")
     args = p.parse_args(argv)
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
@@ -286,72 +356,63 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if not ops.has_ext(device.type):
         print(f"WARNING: common._C has no kernels for {device.type}: the 'op' rows use the reference", file=sys.stderr)
+    t0 = time.perf_counter()
     timer = make_timer(device, args.warmup_ms, args.rep_ms)
     bw = copy_bandwidth(device, timer, (1 << 31) if device.type == "cuda" else (1 << 27))
     l2 = 60e6 if device.type == "cuda" else 0
     out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"ops_{device.type}.json")
-    rows = []
-    hdr = header(device, bw)
-    print(json.dumps(hdr))
-    print(f"{'op':16s} {'shape':40s} {'dtype':10s} {'pass':8s} {'variant':20s} {'us':>10s} {'GB/s':>8s} "
-          f"{'x floor':>8s} {'vs eager':>9s} {'vs comp':>8s}")
-    wanted_ops, wanted_dt = set(args.ops.split(",")), set(args.dtypes.split(","))
-    for case in cases(device, args.quick):
-        if case["op"] not in wanted_ops or case["dtype"].split("->")[-1] not in wanted_dt:
-            continue
-        sample = case["make"]()
-        ws = sum(t.numel() * t.element_size() for t in sample if isinstance(t, torch.Tensor))
-        n_sets = 4 if ws < 4 * l2 else 1
-        inputs = Rotating(case["make"], n_sets)
-        passes = ["fwd"] + (["fwd+bwd"] if case["grads"] is not None else [])
-        for pas in passes:
-            variants = {"eager": with_backend("ref", case["ref"])}
-            if not args.no_compile:
-                torch._dynamo.reset()
-                variants["compiled"] = torch.compile(case["ref"], fullgraph=True)
-            variants["op"] = with_backend("auto", case["fn"])
-            variants.update(case["extras"])
-            res = {}
-            for name, fn in variants.items():
-                grads_of = case.get("plain_grads") if name == "plain_linear" else case["grads"]
-                call = fwd_bwd(fn, grads_of) if pas == "fwd+bwd" else fn
-                if pas == "fwd":
-                    def run(call=call):
-                        with torch.no_grad():
-                            call(*inputs.next())
-                else:
-                    def run(call=call):
-                        call(*inputs.next())
-                try:
-                    res[name] = timer(run)
-                except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
-                    res[name] = None
-                    print(f"  {case['op']} {name} {pas}: failed: {type(e).__name__}: {e}", file=sys.stderr)
-            floor_bytes = (case["floor"] or {}).get(pas)
-            if floor_bytes:
-                res["floor"] = floor_bytes / bw * 1e6
-            for name, us in res.items():
-                if us is None:
-                    continue
-                row = dict(op=case["op"], shape=case["shape"], dtype=case["dtype"], pass_=pas, variant=name, us=us)
-                if floor_bytes:
-                    row.update(GBps=floor_bytes / (us * 1e-6) / 1e9, x_floor=us / res["floor"])
-                if res.get("eager"):
-                    row["speedup_vs_eager"] = res["eager"] / us
-                if res.get("compiled"):
-                    row["speedup_vs_compiled"] = res["compiled"] / us
-                if case["op"] == "lora_linear" and res.get("plain_linear"):
-                    row["x_plain_linear"] = us / res["plain_linear"]
-                row["pass"] = row.pop("pass_")
-                rows.append(row)
-                print(f"{row['op']:16s} {row['shape']:40s} {row['dtype']:10s} {pas:8s} {name:20s} {us:10.1f} "
-                      f"{row.get('GBps', float('nan')):8.1f} {row.get('x_floor', float('nan')):8.2f} "
-                      f"{row.get('speedup_vs_eager', float('nan')):9.2f} {row.get('speedup_vs_compiled', float('nan')):8.2f}",
-                      flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump({"header": hdr, "rows": rows}, f, indent=1)
-    print(f"wrote {out_path}")
+    hdr = header(device, bw, args)
+    print(json.dumps(hdr), flush=True)
+    wanted_ops, wanted_dt = set(args.ops.split(",")), set(args.dtypes.split(","))
+    selected = [c for c in cases(device, args.quick)
+                if c["op"] in wanted_ops and c["dtype"].split("->")[-1] in wanted_dt]
+    results = [{} for _ in selected]  # per case: {pass: {variant: us or None}}
+    notes = []
+    for phase in PHASES:
+        skipped = 0
+        for ci, case in enumerate(selected):
+            names = phase_variants(case, phase, args.no_compile)
+            if not names:
+                continue
+            if args.budget_s and time.perf_counter() - t0 > args.budget_s:
+                skipped += 1
+                continue
+            sample = case["make"]()
+            ws = sum(t.numel() * t.element_size() for t in sample if isinstance(t, torch.Tensor))
+            del sample
+            inputs = Rotating(case["make"], 4 if ws < 4 * l2 else 1)
+            for pas in ["fwd"] + (["fwd+bwd"] if case["grads"] is not None else []):
+                for name in names:
+                    grads_of = case.get("plain_grads") if name == "plain_linear" else case["grads"]
+                    call = fwd_bwd(variant_fn(case, name), grads_of) if pas == "fwd+bwd" else variant_fn(case, name)
+                    if pas == "fwd":
+                        def run(call=call):
+                            with torch.no_grad():
+                                call(*inputs.next())
+                    else:
+                        def run(call=call):
+                            call(*inputs.next())
+                    try:
+                        us = timer(run)
+                        print(f"  {case['op']} {case['shape']} {case['dtype']} {pas} {name}: {us:.1f} us", flush=True)
+                    except Exception as e:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
+                        us = None
+                        print(f"  {case['op']} {name} {pas}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+                    results[ci].setdefault(pas, {})[name] = us
+            del inputs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows = [r for c, res in zip(selected, results) for r in case_rows(c, res, bw)]
+            write_results(out_path, hdr, rows, notes)
+        if skipped:
+            what = "extra rows" if phase == "extras" else "+".join(phase)
+            notes.append(f"budget {args.budget_s:g} s: {what} not timed for {skipped} of {len(selected)} cases")
+            print("note:", notes[-1], flush=True)
+    rows = [r for c, res in zip(selected, results) for r in case_rows(c, res, bw)]
+    write_results(out_path, hdr, rows, notes)
+    print_rows(rows)
+    print(f"wrote {out_path} ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

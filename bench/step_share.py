@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -214,7 +215,10 @@ def main():
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = leave)")
     p.add_argument("--out", default="")
+    p.add_argument("--budget-s", type=float, default=0.0,
+                   help="start no new run after this many seconds (0 = no limit); skipped runs are listed in notes")
     a = p.parse_args()
+    t0 = time.perf_counter()
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     a.scale = ("real" if dev.type == "cuda" else "small") if a.scale == "auto" else a.scale
     a.amp = a.amp and dev.type == "cuda"
@@ -226,29 +230,50 @@ def main():
     modes = ["eager"] + (["compile"] if a.compile else [])
     notes = [] if "ext" in backends else [f"ext rows skipped: common._C has no {dev.type} kernels ({ops.BUILD_INFO})"]
     rows = []
+    out = Path(a.out or f"bench/results/step_share_{dev.type}.json")
+
+    def result():
+        time_kind = ("device (CUDA kernel) time under the op events" if dev.type == "cuda" else
+                     "CPU total time of the outermost op events (the C++ kernels call at::mm & co.: self time "
+                     "would miss those GEMMs)")
+        return {"bench": "step_share", "torch": torch.__version__, "device_type": dev.type,
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+                "threads": torch.get_num_threads(), "scale": a.scale,
+                "shapes": {m: SHAPES[a.scale][m] for m in methods},
+                "amp_bf16": a.amp, "warmup": a.warmup, "iters": a.iters, "profile_iters": a.profile_iters,
+                "budget_s": a.budget_s or None, "ops_build": ops.BUILD_INFO, "op_time": time_kind,
+                "share_note": ("op_share = op time per profiled step / profiled step wall time (synchronised; the "
+                               "profiler adds overhead, so step_ms_median is timed separately without it). ext: "
+                               "rar::<op> events + their backward ops; ref: the reference's forward in a ref::<op> "
+                               "range only; a reference inside a compiled region is fused by Inductor, not "
+                               "attributable."),
+                "notes": notes, "rows": rows}
+
     for method in methods:
         for backend in backends:
             for mode in modes:
-                r = run_one(method, backend, mode, a, dev)
+                if a.budget_s and time.perf_counter() - t0 > a.budget_s:
+                    notes.append(f"budget {a.budget_s:g} s: {method} {backend} {mode} not run")
+                    print("note:", notes[-1], flush=True)
+                    continue
+                try:
+                    r = run_one(method, backend, mode, a, dev)
+                except Exception as e:  # noqa: BLE001 - one failing run is reported; the others still run
+                    traceback.print_exc()
+                    gc.collect()
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                    notes.append(f"{method} {backend} {mode}: failed: {type(e).__name__}: {str(e)[:300]}")
+                    print("note:", notes[-1], flush=True)
+                    write_json(out, result())
+                    continue
                 rows.append(r)
                 share = "-" if r["op_share"] is None else f"{100 * r['op_share']:.2f}%"
                 print(f"{method:10s} {backend:3s} {mode:7s} step {r['step_ms_median']:9.1f} ms  op {share:>7s}  "
                       f"{ {k: round(v, 2) for k, v in r['op_events_ms_per_step'].items()} }", flush=True)
                 if backend == "ext" and not r["op_events_ms_per_step"]:
                     notes.append(f"{method} ext {mode}: no rar:: event found in the profile")
-    time_kind = ("device (CUDA kernel) time under the op events" if dev.type == "cuda" else
-                 "CPU total time of the outermost op events (the C++ kernels call at::mm & co.: self time "
-                 "would miss those GEMMs)")
-    res = {"bench": "step_share", "torch": torch.__version__, "device_type": dev.type,
-           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
-           "threads": torch.get_num_threads(), "scale": a.scale, "shapes": {m: SHAPES[a.scale][m] for m in methods},
-           "amp_bf16": a.amp, "warmup": a.warmup, "iters": a.iters, "profile_iters": a.profile_iters,
-           "ops_build": ops.BUILD_INFO, "op_time": time_kind,
-           "share_note": ("op_share = op time per profiled step / profiled step wall time (synchronised; the profiler "
-                          "adds overhead, so step_ms_median is timed separately without it). ext: rar::<op> events "
-                          "+ their backward ops; ref: the reference's forward in a ref::<op> range only; a reference "
-                          "inside a compiled region is fused by Inductor, not attributable."),
-           "notes": notes, "rows": rows}
+                write_json(out, result())
     print(f"\n{'method':10s} {'op':30s} {'backend':7s} {'mode':7s} {'step ms':>9s} {'op ms':>8s} {'share':>7s}  covers")
     for r in rows:
         op_ms = "-" if r["op_ms_per_step"] is None else f"{r['op_ms_per_step']:.2f}"
@@ -257,8 +282,7 @@ def main():
               f"{op_ms:>8s} {share:>7s}  {r['share_covers']}")
     for n in notes:
         print("note:", n)
-    out = Path(a.out or f"bench/results/step_share_{dev.type}.json")
-    write_json(out, res)
+    write_json(out, result())
     print(f"wrote {out}")
 
 

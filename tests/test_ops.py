@@ -21,7 +21,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_EXT = ops.has_ext("cpu")
 HAS_CUDA_EXT = torch.cuda.is_available() and ops.has_ext("cuda")
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="common._C is not built (python setup.py build_ext --inplace)")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA_EXT, reason="needs a CUDA GPU and common._C built with CUDA kernels")
+
+
+def needs_cuda(f):
+    """A CUDA test: marked `cuda` (make test-cuda, bench/gpu_check.sh select `-m cuda`), skipped without a GPU."""
+    skip = pytest.mark.skipif(not HAS_CUDA_EXT, reason="needs a CUDA GPU and common._C built with CUDA kernels")
+    return pytest.mark.cuda(skip(f))
+
+
 BACKENDS = ["ref"] + (["ext"] if HAS_EXT else [])
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -422,14 +429,14 @@ def test_opcheck_cpu():
 # torch.compile(fullgraph=True): each op next to a neighbouring op, forward and backward
 # ------------------------------------------------------------------------------------------------
 
-def _compile_case():
-    x, A = graph_inputs(2, 3, 4, 5, 7, 7)
-    xm = randn(2, 6, 8)
-    ids_keep, ids_restore, _ = ops.random_masking(torch.rand(2, 6), 3)
-    tok = randn(8)
-    xl, W, b, Al, Bl = lora_inputs(10, 8, 8, 2)
-    u8 = torch.randint(0, 256, (2, 3, 4, 5, 6), dtype=torch.uint8)
-    idx = torch.tensor([1, 3])
+def _compile_case(device="cpu"):
+    x, A = graph_inputs(2, 3, 4, 5, 7, 7, device=device)
+    xm = randn(2, 6, 8, device=device)
+    ids_keep, ids_restore, _ = ops.random_masking(torch.rand(2, 6, device=device), 3)
+    tok = randn(8, device=device)
+    xl, W, b, Al, Bl = lora_inputs(10, 8, 8, 2, device=device)
+    u8 = torch.randint(0, 256, (2, 3, 4, 5, 6), dtype=torch.uint8, device=device)
+    idx = torch.tensor([1, 3], device=device)
 
     def fn(x, A, xm, tok, Al, Bl):
         h = ops.graph_aggregate(torch.relu(x), A).sigmoid()
@@ -749,6 +756,29 @@ def test_cuda_opcheck_compile_stream_graph_and_nan_poison():
 
 
 @needs_cuda
+@pytest.mark.parametrize("dynamic,mode", [(False, None), (True, None), (False, "reduce-overhead")])
+def test_cuda_compile_fullgraph_forward_backward(dynamic, mode):
+    """Inductor on CUDA around every op, forward and backward; reduce-overhead replays them in CUDA graphs."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    fn, leaves = _compile_case("cuda")
+    with backend("ext"):
+        eager = fn(*leaves)
+        ge = torch.autograd.grad(eager, leaves)
+        compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, mode=mode)
+        for _ in range(3 if mode else 1):  # cudagraph trees record on a later call, then replay
+            out = compiled(*leaves)
+            gc = torch.autograd.grad(out, leaves)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    for a, b_ in zip(gc, ge):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4)
+    if mode == "reduce-overhead":
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+@needs_cuda
 def test_cuda_debug_index_error():
     code = ("import torch\nfrom common import ops\n"
             "x = torch.randn(2, 6, 4, device='cuda')\n"
@@ -768,3 +798,20 @@ def test_cuda_static_clip_above_2_31_elements():
     out = ops.static_clip(u8, idx, out_dtype=torch.bfloat16, scale=1.0, num_frames=T)
     assert out.numel() > 2 ** 31
     assert torch.equal(out[:, :, -1], u8[:, :, 0].to(torch.bfloat16))
+
+
+@needs_cuda
+@pytest.mark.slow
+def test_cuda_graph_aggregate_rows_above_2_31():
+    # C*T rows >= 2^31 (C itself >= 2^31): row counts are 64-bit in the forward, grad_x and grad_A kernels
+    C = (1 << 31) + 8
+    x = torch.randn(C, dtype=torch.bfloat16, device="cuda").view(1, 1, C, 1, 1)
+    A = torch.ones(1, 1, 1, device="cuda")                           # fp32 A, the AMP case
+    out = torch.ops.rar.graph_aggregate(x, A)
+    assert out.shape == (1, C, 1, 1) and torch.equal(out.view(-1), x.view(-1))
+    dx = torch.ops.rar.graph_aggregate_grad_x(out, A)
+    assert torch.equal(dx.view(-1), x.view(-1))
+    del dx
+    dA = torch.ops.rar.graph_aggregate_grad_A(out, x, False)
+    expect = torch.linalg.vector_norm(x.view(-1), dtype=torch.float32) ** 2
+    assert rel_err(dA.view(()), expect) < 1e-3

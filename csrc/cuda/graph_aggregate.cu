@@ -29,8 +29,8 @@ int row_tile(int64_t fixed_elems, int64_t per_row_elems) {
 // ---- forward ----
 template <typename scalar_t, typename a_t, typename acc_t>
 __global__ void ga_forward_kernel(const scalar_t* __restrict__ x, XStrides xs, const a_t* __restrict__ A,
-                                  int64_t a_sn, bool per_sample, scalar_t* __restrict__ out, int64_t N, int K, int C,
-                                  int64_t T, int V, int W, int TR) {
+                                  int64_t a_sn, bool per_sample, scalar_t* __restrict__ out, int64_t N, int K,
+                                  int64_t C, int64_t T, int V, int W, int TR) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* As = reinterpret_cast<acc_t*>(smem_raw);  // [K*V][W]
   acc_t* Xs = As + (int64_t)K * V * W;              // [TR][K*V]
@@ -67,8 +67,8 @@ __global__ void ga_forward_kernel(const scalar_t* __restrict__ x, XStrides xs, c
 // ---- grad_x: dX[n,k,c,t,v] = sum_w g[n,c,t,w] A[k,v,w] ----
 template <typename scalar_t, typename a_t, typename acc_t>
 __global__ void ga_grad_x_kernel(const scalar_t* __restrict__ g, XStrides gs, const a_t* __restrict__ A, int64_t a_sn,
-                                 bool per_sample, scalar_t* __restrict__ dx, int64_t N, int K, int C, int64_t T, int V,
-                                 int W, int TR) {
+                                 bool per_sample, scalar_t* __restrict__ dx, int64_t N, int K, int64_t C, int64_t T,
+                                 int V, int W, int TR) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* At = reinterpret_cast<acc_t*>(smem_raw);  // [W][K*V]
   acc_t* Gs = At + (int64_t)K * V * W;              // [TR][W]
@@ -108,8 +108,9 @@ constexpr int kEntriesPerThread = 8;
 
 template <typename scalar_t, typename acc_t>
 __global__ void ga_grad_A_partial_kernel(const scalar_t* __restrict__ g, XStrides gs, const scalar_t* __restrict__ x,
-                                         XStrides xs, acc_t* __restrict__ partial, int64_t N, int K, int C, int64_t T,
-                                         int V, int W, int TR, bool per_sample, int64_t chunk_rows, int chunks) {
+                                         XStrides xs, acc_t* __restrict__ partial, int64_t N, int K, int64_t C,
+                                         int64_t T, int V, int W, int TR, bool per_sample, int64_t chunk_rows,
+                                         int chunks) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* Xs = reinterpret_cast<acc_t*>(smem_raw);  // [TR][K*V]
   acc_t* Gs = Xs + (int64_t)TR * K * V;             // [TR][W]
@@ -180,6 +181,35 @@ unsigned int grid_x_tiles(int64_t tiles, int64_t N) {
   return (unsigned int)std::max<int64_t>(1, std::min<int64_t>(tiles, want));
 }
 
+// The forward and grad_x passes share one launch: every (c, t) row of a sample goes through the
+// K*V x W matrix A (forward: a row of K*V inputs -> W outputs) or A^T (grad_x: W -> K*V). A and a
+// tile of TR input rows sit in shared memory. Returns false when A plus one row do not fit; the
+// callers then use the internal GEMM.
+template <typename scalar_t>
+bool launch_rows(bool grad_x, const at::Tensor& in, XStrides s, const at::Tensor& A, at::Tensor& out, int64_t N,
+                 int64_t K, int64_t C, int64_t T, int64_t V, int64_t W) {
+  using acc_t = at::acc_type<scalar_t, true>;
+  const int64_t per_row = grad_x ? W : K * V;  // input values of one row held in shared memory
+  const int TR = row_tile<acc_t>(K * V * W, per_row);
+  if (TR < 1) return false;
+  const int64_t tiles = (C * T + TR - 1) / TR;
+  const size_t smem = ((size_t)K * V * W + (size_t)TR * per_row) * sizeof(acc_t);
+  const dim3 grid(grid_x_tiles(tiles, N), grid_y(N));
+  const bool per_sample = A.dim() == 4;
+  const int64_t a_sn = per_sample ? A.stride(0) : 0;
+  auto stream = cuda::current_stream();
+  auto go = [&](auto a_zero) {  // a_t = the dtype of A: x's, or fp32 (AMP)
+    using a_t = decltype(a_zero);
+    auto* kernel = grad_x ? &ga_grad_x_kernel<scalar_t, a_t, acc_t> : &ga_forward_kernel<scalar_t, a_t, acc_t>;
+    kernel<<<grid, cuda::kThreads, smem, stream>>>(in.data_ptr<scalar_t>(), s, A.data_ptr<a_t>(), a_sn, per_sample,
+                                                   out.data_ptr<scalar_t>(), N, (int)K, C, T, (int)V, (int)W, TR);
+  };
+  if (A.scalar_type() == in.scalar_type()) go(scalar_t(0));
+  else go(0.0f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
 // internal-GEMM exception for graphs too large for shared memory
 at::Tensor ga_forward_gemm(const at::Tensor& x, const at::Tensor& A) {
   // run in fp32/fp64 even when the caller is under autocast (the fused path never downcasts either)
@@ -192,6 +222,17 @@ at::Tensor ga_forward_gemm(const at::Tensor& x, const at::Tensor& A) {
   return out.view({N, C, T, W}).to(x.scalar_type());
 }
 
+// dX[n,k] = g[n] (CT x W) @ A[k]^T, in fp32/fp64 even under autocast
+at::Tensor ga_grad_x_gemm(const at::Tensor& g, const at::Tensor& A) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const int64_t N = g.size(0), C = g.size(1), T = g.size(2), W = g.size(3), K = A.size(-3), V = A.size(-2);
+  auto cd = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto g3 = g.to(cd).reshape({N, 1, C * T, W});
+  auto At = A.to(cd).transpose(-1, -2);  // (K,W,V) or (N,K,W,V)
+  auto r = at::matmul(g3, A.dim() == 4 ? At : At.unsqueeze(0));
+  return r.view({N, K, C, T, V}).to(g.scalar_type());
+}
+
 at::Tensor graph_aggregate_cuda(const at::Tensor& x, const at::Tensor& A_in) {
   check_graph_aggregate(x, A_in);
   c10::cuda::CUDAGuard guard(x.device());
@@ -200,28 +241,9 @@ at::Tensor graph_aggregate_cuda(const at::Tensor& x, const at::Tensor& A_in) {
   if (out.numel() == 0) return out;
   if (K * V == 0) return out.zero_();
   auto A = A_in.contiguous();
-  const bool per_sample = A.dim() == 4;
-  const int64_t a_sn = per_sample ? A.stride(0) : 0;
-  auto stream = cuda::current_stream();
   bool launched = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "graph_aggregate", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const int TR = row_tile<acc_t>(K * V * W, K * V);
-    if (TR < 1) return;
-    const int64_t tiles = (C * T + TR - 1) / TR;
-    const size_t smem = ((size_t)K * V * W + (size_t)TR * K * V) * sizeof(acc_t);
-    dim3 grid(grid_x_tiles(tiles, N), grid_y(N));
-    if (A.scalar_type() == x.scalar_type()) {
-      ga_forward_kernel<scalar_t, scalar_t, acc_t><<<grid, cuda::kThreads, smem, stream>>>(
-          x.data_ptr<scalar_t>(), strides5(x), A.data_ptr<scalar_t>(), a_sn, per_sample, out.data_ptr<scalar_t>(), N,
-          (int)K, (int)C, T, (int)V, (int)W, TR);
-    } else {
-      ga_forward_kernel<scalar_t, float, acc_t><<<grid, cuda::kThreads, smem, stream>>>(
-          x.data_ptr<scalar_t>(), strides5(x), A.data_ptr<float>(), a_sn, per_sample, out.data_ptr<scalar_t>(), N,
-          (int)K, (int)C, T, (int)V, (int)W, TR);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launched = true;
+    launched = launch_rows<scalar_t>(/*grad_x=*/false, x, strides5(x), A, out, N, K, C, T, V, W);
   });
   return launched ? out : ga_forward_gemm(x, A);
 }
@@ -235,37 +257,11 @@ at::Tensor graph_aggregate_grad_x_cuda(const at::Tensor& g, const at::Tensor& A_
   if (dx.numel() == 0) return dx;
   if (W == 0) return dx.zero_();
   auto A = A_in.contiguous();
-  const bool per_sample = A.dim() == 4;
-  const int64_t a_sn = per_sample ? A.stride(0) : 0;
-  auto stream = cuda::current_stream();
   bool launched = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "graph_aggregate_grad_x", [&] {
-    using acc_t = at::acc_type<scalar_t, true>;
-    const int TR = row_tile<acc_t>(K * V * W, W);
-    if (TR < 1) return;
-    const int64_t tiles = (C * T + TR - 1) / TR;
-    const size_t smem = ((size_t)K * V * W + (size_t)TR * W) * sizeof(acc_t);
-    dim3 grid(grid_x_tiles(tiles, N), grid_y(N));
-    if (A.scalar_type() == g.scalar_type()) {
-      ga_grad_x_kernel<scalar_t, scalar_t, acc_t><<<grid, cuda::kThreads, smem, stream>>>(
-          g.data_ptr<scalar_t>(), strides4(g), A.data_ptr<scalar_t>(), a_sn, per_sample, dx.data_ptr<scalar_t>(), N,
-          (int)K, (int)C, T, (int)V, (int)W, TR);
-    } else {
-      ga_grad_x_kernel<scalar_t, float, acc_t><<<grid, cuda::kThreads, smem, stream>>>(
-          g.data_ptr<scalar_t>(), strides4(g), A.data_ptr<float>(), a_sn, per_sample, dx.data_ptr<scalar_t>(), N,
-          (int)K, (int)C, T, (int)V, (int)W, TR);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launched = true;
+    launched = launch_rows<scalar_t>(/*grad_x=*/true, g, strides4(g), A, dx, N, K, C, T, V, W);
   });
-  if (launched) return dx;
-  // internal-GEMM exception: dX[n,k] = g[n] (CT x W) @ A[k]^T, in fp32/fp64 even under autocast
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  auto cd = g.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto g3 = g.to(cd).reshape({N, 1, C * T, W});
-  auto At = A.to(cd).transpose(-1, -2);  // (K,W,V) or (N,K,W,V)
-  auto r = at::matmul(g3, per_sample ? At : At.unsqueeze(0));
-  return r.view({N, K, C, T, V}).to(g.scalar_type());
+  return launched ? dx : ga_grad_x_gemm(g, A);
 }
 
 at::Tensor graph_aggregate_grad_A_cuda(const at::Tensor& g, const at::Tensor& x, bool per_sample) {
@@ -297,7 +293,7 @@ at::Tensor graph_aggregate_grad_A_cuda(const at::Tensor& g, const at::Tensor& x,
     dim3 grid1(chunks, (unsigned int)ey, (unsigned int)PS);
     ga_grad_A_partial_kernel<scalar_t, acc_t><<<grid1, cuda::kThreads, smem, stream>>>(
         g.data_ptr<scalar_t>(), strides4(g), x.data_ptr<scalar_t>(), strides5(x), partial.data_ptr<acc_t>(), N, (int)K,
-        (int)C, T, (int)V, (int)W, TR, per_sample, chunk_rows, chunks);
+        C, T, (int)V, (int)W, TR, per_sample, chunk_rows, chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     ga_grad_A_reduce_kernel<acc_t, acc_t><<<cuda::blocks_for(PS * KVW), cuda::kThreads, 0, stream>>>(
         partial.data_ptr<acc_t>(), dA.data_ptr<acc_t>(), PS, chunks, KVW);

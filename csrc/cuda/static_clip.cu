@@ -68,7 +68,7 @@ __global__ void static_clip_vec_kernel(const in_t* __restrict__ x, const int64_t
   const int64_t HW = g.H * g.W;
   const int64_t per_plane = HW / VEC;
   const int64_t total = g.B * g.C * g.T_src * per_plane;
-  const int writes = g.tile ? static_cast<int>(g.T) : 1;
+  const int64_t writes = g.tile ? g.T : 1;  // T >= 2^31 frames is a valid (if odd) request
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t plane = i / per_plane, e = (i % per_plane) * VEC;
     int64_t src, dst;
@@ -79,7 +79,7 @@ __global__ void static_clip_vec_kernel(const in_t* __restrict__ x, const int64_t
 #pragma unroll
     for (int k = 0; k < VEC; ++k) o.v[k] = convert<in_t, out_t, acc_t>(a.v[k], c, p);
     out_t* d = out + dst + e;
-    for (int t = 0; t < writes; ++t) *reinterpret_cast<Vec<out_t, VEC>*>(d + t * HW) = o;
+    for (int64_t t = 0; t < writes; ++t) *reinterpret_cast<Vec<out_t, VEC>*>(d + t * HW) = o;
   }
 }
 
@@ -89,7 +89,7 @@ __global__ void static_clip_scalar_kernel(const in_t* __restrict__ x, const int6
                                           out_t* __restrict__ out, Geometry g, NormParams<acc_t> p) {
   const int64_t HW = g.H * g.W;
   const int64_t total = g.B * g.C * g.T_src * HW;
-  const int writes = g.tile ? static_cast<int>(g.T) : 1;
+  const int64_t writes = g.tile ? g.T : 1;  // T >= 2^31 frames is a valid (if odd) request
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t plane = i / HW, e = i % HW;
     int64_t src, dst;
@@ -98,7 +98,7 @@ __global__ void static_clip_scalar_kernel(const in_t* __restrict__ x, const int6
     const int64_t h = e / g.W, w = e % g.W;
     const out_t o = convert<in_t, out_t, acc_t>(x[src + h * g.sH + w * g.sW], c, p);
     out_t* d = out + dst + e;
-    for (int t = 0; t < writes; ++t) d[t * HW] = o;
+    for (int64_t t = 0; t < writes; ++t) d[t * HW] = o;
   }
 }
 
