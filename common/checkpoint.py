@@ -4,9 +4,16 @@ pretrained-weight loading with errors that name the mismatched keys.
 `model`, `optimizer` and `scheduler` may each be one object or a dict name -> object (LNTL keeps
 f+g and three heads with four optimisers).
 """
+import argparse
+import codecs
+import collections
 import os
+import pickle
 import random
+import re
+import struct
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -89,19 +96,188 @@ def save_checkpoint(path, *, model, optimizer=None, scheduler=None, scaler=None,
     }, path)
 
 
+def _allowed_globals():
+    """Globals that official checkpoints and data files legitimately carry, by the name a pickle
+    uses for them: numpy arrays/scalars/dtypes (mmaction `meta`, .npy annotation files; numpy 1.x
+    pickles say `numpy.core.multiarray`, numpy 2.x `numpy._core.multiarray`), argparse.Namespace
+    (official repos saving their args), collections.OrderedDict. Nothing here runs code of the
+    file's choosing: each only rebuilds data."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 1.26
+        from numpy.core import multiarray
+    names = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype, "argparse.Namespace": argparse.Namespace,
+             "collections.OrderedDict": collections.OrderedDict}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        names[f"{module}._reconstruct"] = multiarray._reconstruct
+        names[f"{module}.scalar"] = multiarray.scalar
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: the concrete dtype classes a dtype pickle builds
+    for name in dir(dtypes) if dtypes is not None else ():
+        if name.endswith("DType"):
+            names[f"numpy.dtypes.{name}"] = getattr(dtypes, name)
+    return names
+
+
+ALLOWED_GLOBALS = _allowed_globals()
+_ALLOWED_SUMMARY = "tensors, numpy arrays/scalars/dtypes, argparse.Namespace, OrderedDict"
+
+
+def _torch_safe_globals():
+    # an object is matched under its own module.name; another spelling of it (numpy 1.x vs 2.x
+    # module) is registered as an (object, "name") pair
+    return [obj if f"{obj.__module__}.{obj.__name__}" == name else (obj, name) for name, obj in ALLOWED_GLOBALS.items()]
+
+
+def _refusal(what, path, name):
+    return CheckpointError(
+        f"{what} {path}: refused to load: it references the Python global '{name}', which is not on the "
+        f"allow-list ({_ALLOWED_SUMMARY}) and could run code; if you made this file yourself and trust it, "
+        f"rerun with --trust-checkpoint")
+
+
+def _first_line(e):
+    """A short reason from a loader's exception (torch's own messages run to paragraphs)."""
+    text = str(e).strip()
+    for pattern in (r"PytorchStreamReader failed [^.:]*", r"Unsupported operand \d+", r"pickle data was truncated",
+                    r"invalid load key[^.]*"):
+        m = re.search(pattern, text)
+        if m:
+            return m.group(0)
+    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+
+
 def safe_load(path, *, what="checkpoint", map_location="cpu", trust=False):
-    """torch.load with weights_only=True (never runs code from the file). Refusals and unreadable
-    files are a CheckpointError naming the file; `trust=True` (--trust-checkpoint) uses the full
-    unpickler for a file the user made and trusts."""
+    """torch.load with weights_only=True plus the allow-list above (scoped to this call): never
+    runs code from the file. A refused global, a truncated file or a non-checkpoint is one
+    CheckpointError naming the file; `trust=True` (--trust-checkpoint) uses the full unpickler
+    for a file the user made and trusts."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} {path}: file not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=not trust)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{what} {path}: cannot be loaded safely ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no detail'}); "
-                              f"pass --trust-checkpoint only if you made this file yourself") from e
+        if trust:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(_torch_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names the global: "Unsupported global: GLOBAL posix.system ...", "unsupported GLOBAL
+        # posix.system whose module posix is blocked", "Can only build ... but got <class 'x.Y'>"
+        m = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"but got <class '([\w.]+)'>", str(e))
+        if m and not trust:
+            raise _refusal(what, path, m.group(1)) from e
+        raise CheckpointError(f"{what} {path}: truncated or not a torch checkpoint ({_first_line(e)})") from e
+    except (EOFError, RuntimeError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError,
+            ImportError, zipfile.BadZipFile, struct.error) as e:
+        # readable but wrong for this machine (permissions, a CUDA-only map location) vs. torn/foreign bytes
+        if isinstance(e, PermissionError) or (isinstance(e, RuntimeError) and "device" in str(e)):
+            raise CheckpointError(f"{what} {path}: cannot be read ({_first_line(e)})") from e
+        raise CheckpointError(f"{what} {path}: truncated or not a torch checkpoint ({_first_line(e)})") from e
+
+
+# plain pickles (unlike torch.save files) may also name these inert builtins; Python 2 pickles
+# spell the module __builtin__; protocol-2 pickles made by Python 3 encode bytes with _codecs.encode
+_PICKLE_BUILTINS = {f"{m}.{t.__name__}": t for m in ("builtins", "__builtin__")
+                    for t in (set, frozenset, complex, bytearray, slice, range)}
+_PICKLE_BUILTINS["_codecs.encode"] = codecs.encode
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only ALLOWED_GLOBALS (the Python docs' "restricting globals")."""
+
+    def __init__(self, f, what, path, **kw):
+        super().__init__(f, **kw)
+        self.what, self.path = what, path
+
+    def find_class(self, module, name):
+        obj = ALLOWED_GLOBALS.get(f"{module}.{name}") or _PICKLE_BUILTINS.get(f"{module}.{name}")
+        if obj is None:
+            raise _refusal(self.what, self.path, f"{module}.{name}")
+        return obj
+
+
+def safe_pickle_load(path, *, what="pickle file", encoding="ASCII", trust=False):
+    """pickle.load of a data file (annotations, PYSKL .pkl) that builds only plain containers,
+    numbers, strings and numpy arrays; anything else is refused with the global named."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path}: file not found")
+    with open(path, "rb") as f:
+        return _unpickle(f, what, path, encoding, trust)
+
+
+def _unpickle(f, what, path, encoding, trust):
+    try:
+        if trust:
+            return pickle.load(f, encoding=encoding)
+        return _RestrictedUnpickler(f, what, path, encoding=encoding).load()
+    except CheckpointError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            struct.error) as e:
+        raise CheckpointError(f"{what} {path}: truncated or not a pickle ({_first_line(e)})") from e
+
+
+def safe_np_load(path, *, what="numpy file", encoding="ASCII", trust=False):
+    """np.load(path, allow_pickle=True) without running code: an object array's pickle goes
+    through the restricted unpickler (so does a bare pickle saved under a .npy name)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path}: file not found")
+    with open(path, "rb") as f:
+        if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+            f.seek(0)
+            return _unpickle(f, what, path, encoding, trust)
+        f.seek(0)
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            if not dtype.hasobject:
+                f.seek(0)
+                return np.lib.format.read_array(f, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:
+            raise CheckpointError(f"{what} {path}: truncated or not a .npy file ({_first_line(e)})") from e
+        arr = _unpickle(f, what, path, encoding, trust)
+        if not isinstance(arr, np.ndarray) or arr.shape != tuple(shape):
+            raise CheckpointError(f"{what} {path}: the header says an object array of shape {tuple(shape)}, "
+                                  f"the data holds {type(arr).__name__}")
+        return arr
+
+
+def precheck(path, *, what="checkpoint", trust=False):
+    """Refuse a torch.save zip whose pickle names a global outside the allow-list, or whose archive
+    is torn, by reading only its pickle (no tensors, nothing executed). Other formats (legacy
+    torch files, .safetensors) are left to the loader, which is just as strict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path}: file not found")
+    with open(path, "rb") as f:
+        if trust or f.read(2) != b"PK":
+            return
+    try:
+        with torch.serialization.safe_globals(_torch_safe_globals()):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, ValueError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{what} {path}: truncated or not a torch checkpoint ({_first_line(e)})") from e
+    if unsafe:
+        raise _refusal(what, path, sorted(unsafe)[0])
+
+
+def check_input_files(args):
+    """Run by config.parse_args, before any work: --resume (a path; `auto` = <output-dir>/checkpoint.pth
+    when present) and --weights exist and pass `precheck`. Raises CheckpointError (one line via
+    config.run_main)."""
+    trust = getattr(args, "trust_checkpoint", False)
+    resume, weights = getattr(args, "resume", ""), getattr(args, "weights", "")
+    if resume == "auto":
+        auto = Path(getattr(args, "output_dir", "") or ".") / "checkpoint.pth"
+        resume = str(auto) if auto.is_file() else ""
+    if resume:
+        precheck(resume, what="--resume", trust=trust)
+    if weights:
+        if not Path(weights).is_file():
+            raise CheckpointError(f"--weights {weights}: file not found (weights are never downloaded; pass a local file)")
+        precheck(weights, what="--weights", trust=trust)
 
 
 def read_checkpoint(path, map_location="cpu", *, trust=False):

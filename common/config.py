@@ -68,6 +68,9 @@ def validate_common(args):
         v = getattr(args, dest, None)
         if v is not None and v < lo:
             raise InputError(f"--{dest.replace('_', '-')} {v}: expected {expected}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2 ** 32:
+        raise InputError(f"--seed {seed}: expected an integer in 0..2**32-1")
     lr = getattr(args, "lr", None)
     if lr is not None and not (lr > 0 and lr < float("inf")):
         raise InputError(f"--lr {lr}: expected a finite number > 0")
@@ -99,7 +102,7 @@ def run_main(main, argv=None):
     except InputError as e:
         if "--debug" in argv:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -111,7 +114,8 @@ def _load_file(path):
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from e
+        raise ValueError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                         f"{' '.join(str(e).split())}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -184,15 +188,23 @@ def parse_args(parser, argv=None):
     try:
         validate_common(args)
     except InputError as e:
-        parser.error(str(e))
+        fail(parser, str(e))
+    from common import checkpoint  # (checkpoint imports this module)
+    checkpoint.check_input_files(args)
     return args
+
+
+def fail(parser, message):
+    """One line `prog: error: message` on stderr, exit status 2 (parser.error would also print the
+    whole usage, dozens of lines for these scripts)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 def _apply_config_file(parser, args, argv):
     try:
         data = _load_file(args.config)
     except (OSError, ValueError) as e:
-        parser.error(str(e))
+        fail(parser, str(e))
     by_dest = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
     on_cli = _cli_dests(parser, argv)
     for raw_key, value in data.items():
@@ -201,11 +213,11 @@ def _apply_config_file(parser, args, argv):
             continue
         if key not in by_dest:
             known = ", ".join(sorted(k.replace("_", "-") for k in by_dest))
-            parser.error(f"config {args.config}: unknown key '{raw_key}' (known keys: {known})")
+            fail(parser, f"config {args.config}: unknown key '{raw_key}' (known keys: {known})")
         try:
             value = _convert(by_dest[key], raw_key, value, args.config)
         except ValueError as e:
-            parser.error(str(e))
+            fail(parser, str(e))
         if key not in on_cli:
             setattr(args, key, value)
 

@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import warnings
@@ -16,7 +17,7 @@ import yaml
 
 from common import checkpoint as ckpt
 from common import dist, metrics, video
-from common.config import add_common_args, parse_args, save_config
+from common.config import add_common_args, parse_args, run_main, save_config
 from common.logging import JsonlLogger, plot_confusion, plot_curves, read_jsonl, summary_table, write_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +215,7 @@ def test_checkpoint_of_another_model_names_keys(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"net.3.weight: checkpoint \(5, 16\) vs model \(3, 16\)"):
         ckpt.load_checkpoint(tmp_path / "d.pth", model=Tiny())
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ckpt.CheckpointError, match="cannot read"):
+    with pytest.raises(ckpt.CheckpointError, match="truncated or not a torch checkpoint"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ckpt.load_checkpoint(tmp_path / "junk.pth", model=Tiny())
@@ -244,6 +245,164 @@ def test_load_weights_errors(tmp_path):
         ckpt.load_weights(tmp_path / "bad.pth", Tiny())
     with pytest.raises(ckpt.CheckpointError, match="never downloaded"):
         ckpt.load_weights(tmp_path / "nope.pth", Tiny())
+
+
+class _RunsCode:
+    """Unpickling this calls `fn(*args)`: a stand-in for a hostile checkpoint's payload."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _official_meta_checkpoint(path, legacy=False):
+    """An mmaction-style file: state_dict + `meta` holding numpy scalars, an array and a dtype, plus
+    an argparse.Namespace under 'args' (both torch.save formats)."""
+    meta = {"epoch": np.int64(30), "best_score": np.float64(0.8125), "lr": np.float32(1e-3), "flag": np.bool_(True),
+            "mean": np.array([123.675, 116.28, 103.53]), "names": np.array(["a", "bc"]), "dtype": np.dtype("float32"),
+            "hook_msgs": {"last_ckpt": "epoch_30.pth"}}
+    obj = {"state_dict": Tiny().state_dict(), "meta": meta, "args": argparse.Namespace(lr=0.1, arch="tiny")}
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+    return obj
+
+
+def test_safe_load_allows_official_numpy_meta_and_namespace(tmp_path):
+    for legacy in (False, True):
+        obj = _official_meta_checkpoint(tmp_path / "c.pth", legacy)
+        got = ckpt.safe_load(tmp_path / "c.pth")
+        assert got["meta"]["best_score"] == 0.8125 and isinstance(got["meta"]["best_score"], np.float64)
+        assert got["meta"]["epoch"] == 30 and got["meta"]["dtype"] == np.dtype("float32")
+        assert np.array_equal(got["meta"]["mean"], obj["meta"]["mean"]) and list(got["meta"]["names"]) == ["a", "bc"]
+        assert got["args"].arch == "tiny"
+        assert ckpt.load_weights(tmp_path / "c.pth", Tiny()) == ([], [])
+    # the same file as numpy 1.x wrote it (module numpy.core.multiarray) loads under numpy 2.x too
+    raw = (tmp_path / "c.pth").read_bytes()   # legacy format: the pickle's GLOBAL names are plain text
+    own = np.ndarray.__reduce__(np.zeros(1))[0].__module__.encode()  # numpy._core.multiarray (2.x)
+    assert own in raw
+    (tmp_path / "np1.pth").write_bytes(raw.replace(own, b"numpy.core.multiarray"))
+    assert ckpt.safe_load(tmp_path / "np1.pth")["meta"]["best_score"] == 0.8125
+    # the allow-list is scoped to our loads, not added to torch's global one
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()
+
+
+@pytest.mark.parametrize("fn", ["system", "open"])
+def test_safe_load_refuses_code_in_one_line_naming_the_global(tmp_path, fn):
+    marker = tmp_path / "MARKER"
+    payload = _RunsCode(os.system, f"touch {marker}") if fn == "system" else _RunsCode(open, str(marker), "w")
+    torch.save({"model": Tiny().state_dict(), "extra": payload}, tmp_path / "evil.pth")
+    for load in (lambda: ckpt.safe_load(tmp_path / "evil.pth"),
+                 lambda: ckpt.load_checkpoint(tmp_path / "evil.pth", model=Tiny()),
+                 lambda: ckpt.load_weights(tmp_path / "evil.pth", Tiny())):
+        with pytest.raises(ckpt.CheckpointError) as e:
+            load()
+        msg = str(e.value)
+        assert "\n" not in msg and str(tmp_path / "evil.pth") in msg and "--trust-checkpoint" in msg
+        assert ("'posix.system'" if fn == "system" else "'io.open'") in msg
+        assert not marker.exists()
+    # --trust-checkpoint really is the full unpickler: only for files the user made
+    ckpt.safe_load(tmp_path / "evil.pth", trust=True)
+    assert marker.exists()
+
+
+def test_truncated_checkpoint_is_one_line_and_the_good_one_stays(tmp_path):
+    good = tmp_path / "checkpoint.pth"
+    ckpt.save_checkpoint(good, model=Tiny(), epoch=3)
+    before = good.read_bytes()
+    for n in (0, 10, len(before) // 2, len(before) - 8):
+        bad = tmp_path / f"cut{n}.pth"
+        bad.write_bytes(before[:n])
+        with pytest.raises(ckpt.CheckpointError, match=r"cut\d+\.pth: truncated or not a torch checkpoint") as e:
+            ckpt.load_checkpoint(bad, model=Tiny())
+        assert "\n" not in str(e.value)
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ckpt.CheckpointError, match="not a training checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "list.pth", model=Tiny())
+    assert good.read_bytes() == before
+
+
+def test_safe_np_and_pickle_load(tmp_path):
+    marker = tmp_path / "MARKER"
+    d = {"train_image": np.zeros((2, 28, 28, 3), np.uint8), "label": np.int64(3), "names": [b"x", "y"], "s": {1, 2}}
+    np.save(tmp_path / "d.npy", d, allow_pickle=True)
+    got = ckpt.safe_np_load(tmp_path / "d.npy", encoding="latin1").item()
+    assert got["label"] == 3 and got["names"] == [b"x", "y"] and got["train_image"].shape == (2, 28, 28, 3)
+    np.save(tmp_path / "plain.npy", np.arange(5))
+    assert ckpt.safe_np_load(tmp_path / "plain.npy").tolist() == [0, 1, 2, 3, 4]
+    with open(tmp_path / "p2.pkl", "wb") as f:   # protocol 2: bytes go through _codecs.encode
+        pickle.dump({"keypoint": np.ones((1, 2, 17, 2), np.float32), "b": b"\x00\xff"}, f, protocol=2)
+    assert ckpt.safe_pickle_load(tmp_path / "p2.pkl")["b"] == b"\x00\xff"
+    np.save(tmp_path / "evil.npy", np.array([_RunsCode(os.system, f"touch {marker}")], dtype=object), allow_pickle=True)
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump([_RunsCode(os.system, f"touch {marker}")], f)
+    for load in (lambda: ckpt.safe_np_load(tmp_path / "evil.npy", what="annotations"),
+                 lambda: ckpt.safe_np_load(tmp_path / "evil.pkl", what="annotations"),
+                 lambda: ckpt.safe_pickle_load(tmp_path / "evil.pkl", what="annotations")):
+        with pytest.raises(ckpt.CheckpointError, match=r"annotations .*evil\.(npy|pkl): refused .*'posix.system'"):
+            load()
+    assert not marker.exists()
+    (tmp_path / "cut.pkl").write_bytes((tmp_path / "p2.pkl").read_bytes()[:40])
+    with pytest.raises(ckpt.CheckpointError, match="cut.pkl: truncated or not a pickle"):
+        ckpt.safe_pickle_load(tmp_path / "cut.pkl")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--epochs", "-1"], "--epochs -1: expected an integer >= 0"),
+    (["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+    (["--workers", "-2"], "--workers -2: expected an integer >= 0"),
+    (["--lr", "0"], "--lr 0.0: expected a finite number > 0"),
+    (["--lr", "nan"], "--lr nan: expected a finite number > 0"),
+    (["--seed", "-1"], "--seed -1: expected an integer in 0..2**32-1"),
+    (["--output-dir", "{file}"], "exists and is not a directory"),
+    (["--output-dir", "{file}/sub"], "is a file, not a directory"),
+])
+def test_common_flags_are_validated_in_one_line(tmp_path, capsys, argv, needle):
+    (tmp_path / "afile").write_text("x")
+    fill = {"file": str(tmp_path / "afile"), "tmp": str(tmp_path)}
+    argv = [a.format(**fill) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        parse_args(_parser(), argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and needle.format(**fill) in err and err.count("\n") == 1, err
+
+
+def test_resume_and_weights_files_are_checked_before_any_work(tmp_path):
+    """parse_args reads only the pickle of --resume/--weights: a payload or a torn file stops the
+    run before it starts, as a CheckpointError (one line through run_main)."""
+    marker = tmp_path / "MARKER"
+    torch.save({"model": Tiny().state_dict(), "x": _RunsCode(os.system, f"touch {marker}")}, tmp_path / "evil.pth")
+    ckpt.save_checkpoint(tmp_path / "good.pth", model=Tiny(), epoch=1)
+    (tmp_path / "torn.pth").write_bytes((tmp_path / "good.pth").read_bytes()[:300])
+    _official_meta_checkpoint(tmp_path / "meta.pth")
+    cases = [(["--resume", "{t}/evil.pth"], r"--resume {t}/evil.pth: refused .*'posix.system'"),
+             (["--weights", "{t}/evil.pth"], r"--weights {t}/evil.pth: refused .*'posix.system'"),
+             (["--resume", "{t}/torn.pth"], r"--resume {t}/torn.pth: truncated or not a torch checkpoint"),
+             (["--resume", "{t}/nope.pth"], r"--resume {t}/nope.pth: file not found"),
+             (["--weights", "{t}/nope.pth"], r"--weights {t}/nope.pth: file not found \(weights are never downloaded")]
+    for argv, pattern in cases:
+        with pytest.raises(ckpt.CheckpointError, match=pattern.format(t=tmp_path)):
+            parse_args(_parser(), [a.format(t=tmp_path) for a in argv])
+    (tmp_path / "out").mkdir()
+    os.replace(tmp_path / "evil.pth", tmp_path / "out" / "checkpoint.pth")
+    with pytest.raises(ckpt.CheckpointError, match="out/checkpoint.pth: refused"):
+        parse_args(_parser(), ["--resume", "auto", "--output-dir", str(tmp_path / "out")])
+    assert not marker.exists()
+    parse_args(_parser(), ["--resume", str(tmp_path / "good.pth"), "--weights", str(tmp_path / "meta.pth")])
+    parse_args(_parser(), ["--resume", "auto", "--output-dir", str(tmp_path / "elsewhere")])
+
+
+def test_run_main_prints_one_line_and_debug_shows_the_traceback(capsys):
+    def main(argv):
+        raise ckpt.CheckpointError("checkpoint x.pth: truncated\nor not a torch checkpoint")
+
+    with pytest.raises(SystemExit) as e:
+        run_main(main, ["--epochs", "1"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: checkpoint x.pth: truncated or not a torch checkpoint\n"
+    with pytest.raises(ckpt.CheckpointError):
+        run_main(main, ["--debug"])
+    assert run_main(lambda argv: argv, ["a"]) == ["a"]
 
 
 # ----------------------------------------------------------------------------- dist

