@@ -54,6 +54,7 @@ IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp")
 VIDEO_EXT = (".avi", ".mp4", ".mkv", ".mov", ".webm")
 NTU_ID = re.compile(r"S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})")
 DEFAULT_MILESTONES = "30,60,80,90,120,150,180"
+NTU_RGB_SIZE = (480, 270)  # (w, h) of the NTU rgb frames the recipe expects (spec §2.2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,6 +83,9 @@ def build_parser():
     g.add_argument("--select-on-test", action="store_true", help="official (B9): pick best.pth on the test set")
     g.add_argument("--synthetic-train", type=int, default=4000, help="--synthetic: train samples (val carved out)")
     g.add_argument("--synthetic-test", type=int, default=2000, help="--synthetic: test samples")
+    g.add_argument("--synthetic-data", default="redundant", choices=["redundant", "offset"],
+                   help="--synthetic benchmark: 'redundant' (spec §7.2) or 'offset' (b and c share an offset that "
+                        "only reading them together removes; see common/data/multimodal_synthetic.py)")
     g.add_argument("--num-frames", type=int, default=16)
     g.add_argument("--img-size", type=int, default=224)
     g.add_argument("--no-temporal-aug", dest="temporal_aug", action="store_false",
@@ -253,9 +257,8 @@ def load_image(path, modality, depth_colormap="jet", ntu_rgb_size=None):
         raise OSError(f"{modality} frame {path}: expected an RGB or 1-channel image, got array shape {arr.shape}")
     arr = np.ascontiguousarray(arr.astype(np.uint8))
     if ntu_rgb_size is not None and (arr.shape[1], arr.shape[0]) != ntu_rgb_size:
-        t = torch.from_numpy(arr).permute(2, 0, 1)[None].float()
-        t = F.interpolate(t, size=(ntu_rgb_size[1], ntu_rgb_size[0]), mode="bilinear", antialias=True, align_corners=False)
-        arr = t[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+        from common import video
+        arr = video.resize(arr[None], ntu_rgb_size[::-1])[0].numpy()
     return arr
 
 
@@ -288,7 +291,7 @@ def load_skeleton(path, sample_id):
     if path.suffix == ".skeleton":
         arr = read_skeleton_text(path)
     else:
-        obj = np.load(path, allow_pickle=True)
+        obj = ckpt.safe_np_load(path, what=f"sample {sample_id}: skeleton")  # never runs code from the file
         if obj.dtype == object and obj.shape == ():
             obj = obj.item()
         if isinstance(obj, dict):
@@ -385,15 +388,30 @@ def preprocess(frames, dataset, modality, train, size, rng, per_frame=False, ntu
 
 
 class MultiModalClips(torch.utils.data.Dataset):
-    """Records {id, label, paths: {modality: frame folder | video file | skeleton file}} -> clips.
+    """Records -> one clip per modality, sampled and preprocessed as spec §2.3-2.4.
 
-    Item: {"index", "label", "valid" [T] bool, <modality>: [T,3,S,S] (images) or [T,25,3]
-    (skeleton)}, zero-padded to T frames when a video is shorter. A file that cannot be read is
-    skipped (None, collated away and counted) unless `strict`.
+    MultiModalClips(records, modalities, dataset, train, args=None, seed=0):
+      records     list of {"id": str, "label": int, "paths": {modality: path}}, e.g. from
+                  `read_list(csv, args)` or `build_records(args)`; a path is a frame folder, a video
+                  file (.avi/.mp4/...) or, for skeleton, a .skeleton/.npy file
+      modalities  tuple in canonical order, e.g. ("rgb",) or ("rgb", "depth")
+      dataset     "ntu60" | "ntu120" | "nw_ucla" | "uwa3d" | "list" (selects the crops of §2.4; NTU rgb
+                  of any size, frames or video, is resized to 480x270 first)
+      train       training sampling/augmentation (True) or the deterministic test clip (False)
+      args        the script's parsed args; reads num_frames, img_size, temporal_aug, frame_sync,
+                  depth_colormap, aug_per_frame, strict, official_ntu120_test. None = the defaults
+      seed        base of the per-(epoch, index) augmentation RNG
+
+    Item: {"index", "label", "valid" [T] bool, <modality>: [T,3,S,S] float (images) or [T,25,3]
+    (skeleton)}, zero-padded to T frames when a video is shorter. A video is never decoded whole: its
+    frame count comes from `video.num_frames` and only the sampled frames are decoded (`decode_clip`,
+    resized on decode). A file that cannot be read is skipped (None, collated away and counted)
+    unless `strict`.
     """
 
-    def __init__(self, records, modalities, dataset, train, args, seed=0):
-        self.records, self.modalities, self.dataset, self.train = records, modalities, dataset, train
+    def __init__(self, records, modalities, dataset, train, args=None, seed=0):
+        args = args if args is not None else build_parser().parse_args([])
+        self.records, self.modalities, self.dataset, self.train = records, tuple(modalities), dataset, train
         self.T, self.size = args.num_frames, args.img_size
         self.temporal_aug, self.frame_sync = args.temporal_aug, args.frame_sync
         self.colormap, self.per_frame, self.strict = args.depth_colormap, args.aug_per_frame, args.strict
@@ -404,28 +422,40 @@ class MultiModalClips(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
-    def _frames(self, rec, modality):
+    def _source(self, rec, modality):
+        """A skeleton array, a video path (decoded per clip), or the sorted frame files."""
         path = Path(rec["paths"][modality])
+        if modality == "skeleton":
+            return load_skeleton(path, rec["id"])
         if path.suffix.lower() in VIDEO_EXT:
-            from common import video
-            return video.read_video(path)  # uint8 (T,H,W,3); raises VideoDecodeError naming the file
+            if not path.is_file():
+                raise FileNotFoundError(f"sample {rec['id']}: {modality} video not found: {path}")
+            return path
         suffix = {"rgb": "_rgb.jpg", "depth": "_depth_vis.jpg"}.get(modality, "") if self.dataset == "nw_ucla" else ""
         return list_frames(path, rec["id"], modality, suffix)
 
+    def _read(self, src, idx, modality):
+        """uint8 (len(idx),H,W,3) frames of a video path or a list of frame files."""
+        resize_to = NTU_RGB_SIZE if modality == "rgb" and self.dataset in ("ntu60", "ntu120") else None
+        if isinstance(src, Path):
+            from common import video
+            return video.decode_clip(src, idx, size=None if resize_to is None else resize_to[::-1])
+        return np.stack([load_image(src[i], modality, self.colormap, resize_to) for i in idx])
+
     def _load(self, index, rng):
+        from common import video
         rec = self.records[index]
-        sources = {m: (load_skeleton(rec["paths"][m], rec["id"]) if m == "skeleton" else self._frames(rec, m))
-                   for m in self.modalities}
-        n = len(sources[self.modalities[0]])
+        sources = {m: self._source(rec, m) for m in self.modalities}
+        counts = {m: video.num_frames(s) if isinstance(s, Path) else len(s) for m, s in sources.items()}
+        n = counts[self.modalities[0]]
         train_sampling = self.train and self.temporal_aug or self.ntu120_official_test
         idx = sample_indices(n, self.T, train_sampling, rng)
         item = {"index": index, "label": rec["label"]}
         valid = torch.zeros(self.T, dtype=torch.bool)
         valid[:len(idx)] = True
         item["valid"] = valid
-        ntu_size = (480, 270) if self.dataset in ("ntu60", "ntu120") else None
         for m in self.modalities:
-            src, n_m = sources[m], len(sources[m])
+            src, n_m = sources[m], counts[m]
             if n_m != n:
                 self.frame_mismatch += 1
             idx_m = idx if self.frame_sync == "first" else (idx * n_m) // n
@@ -436,13 +466,8 @@ class MultiModalClips(torch.utils.data.Dataset):
                 x = torch.from_numpy(src[idx_m])
                 out = x.new_zeros(self.T, 25, 3)
             else:
-                if isinstance(src, np.ndarray):  # decoded video
-                    frames = src[idx_m]
-                else:
-                    frames = np.stack([load_image(src[i], m, self.colormap, ntu_size if m == "rgb" else None)
-                                       for i in idx_m])
-                x = preprocess(frames, self.dataset, m, self.train, self.size, rng, self.per_frame,
-                               self.ntu120_official_test)
+                x = preprocess(self._read(src, idx_m, m), self.dataset, m, self.train, self.size, rng,
+                               self.per_frame, self.ntu120_official_test)
                 out = x.new_zeros(self.T, 3, self.size, self.size)
             out[:len(idx_m)] = x
             item[m] = out
@@ -504,7 +529,7 @@ def index_ntu(args):
     for m in args.modalities:
         r = Path(roots[m])
         if not r.is_dir():
-            raise FileNotFoundError(f"NTU {m} root not found: {r} (set --{m}-dir or --data-root)")
+            raise config.InputError(f"NTU {m} root not found: {r} (set --{m}-dir or --data-root)")
         ids = {}
         if m == "rgb":
             for p in r.glob("nturgb+d_rgb_s*/frames/*_rgb"):
@@ -527,7 +552,7 @@ def index_ntu(args):
                 ids.setdefault(p.name[:-len(".skeleton")], p)
         ids = {k: v for k, v in ids.items() if NTU_ID.fullmatch(k)}
         if not ids:
-            raise FileNotFoundError(f"NTU {m} root {r} holds no sample in the expected layout (spec §2.2)")
+            raise config.InputError(f"NTU {m} root {r} holds no sample in the expected layout (spec §2.2)")
         found[m] = ids
     return found
 
@@ -559,7 +584,7 @@ def pair_by_id(found, modalities, strict, what):
         (missing if lacking else keep).append((i, lacking))
     if missing and strict:
         i, lacking = missing[0]
-        raise FileNotFoundError(f"{what}: sample {i} has no {', '.join(lacking)} data ({len(missing)} samples incomplete)")
+        raise config.InputError(f"{what}: sample {i} has no {', '.join(lacking)} data ({len(missing)} samples incomplete)")
     if missing:
         warnings.warn(f"{what}: skipped {len(missing)} samples missing a modality, e.g. {missing[0][0]} lacks {missing[0][1]}")
     return [i for i, _ in keep], len(missing)
@@ -575,6 +600,9 @@ def build_records(args):
         ids, skipped = pair_by_id(found, mods, args.strict, args.dataset)
         drop = set()
         if "skeleton" in mods and args.missing_skeletons:
+            if not Path(args.missing_skeletons).is_file():
+                raise config.InputError(f"--missing-skeletons {args.missing_skeletons}: file not found "
+                                        f"(expected one NTU id per line)")
             drop = {ln.strip() for ln in Path(args.missing_skeletons).read_text().splitlines() if ln.strip()}
         for i in ids:
             part = ntu_split(i, args.dataset, args.split)
@@ -593,7 +621,7 @@ def build_records(args):
                         if any(f.name.endswith(suffix) for f in p.iterdir()):
                             found[m][f"view_{view}/{p.name}"] = p
         if not any(found.values()):
-            raise FileNotFoundError(f"NW-UCLA: no view_{{1,2,3}}/a##_s##_e## folders under {root}")
+            raise config.InputError(f"NW-UCLA: no view_{{1,2,3}}/a##_s##_e## folders under {root}")
         ids, skipped = pair_by_id(found, mods, args.strict, "nw_ucla")
         for i in ids:
             view, name = i.split("/")
@@ -606,7 +634,7 @@ def build_records(args):
         found = {}
         for m in mods:
             if not where[m].is_dir():
-                raise FileNotFoundError(f"UWA3D {m} folder not found: {where[m]}")
+                raise config.InputError(f"UWA3D {m} folder not found: {where[m]}")
             found[m] = {k: v for k, v in _dirs(where[m], "a*_s*_v*_e*").items()
                         if re.fullmatch(r"a\d+_s\d+_v\d+_e\d+", k)}
         ids, skipped = pair_by_id(found, mods, args.strict, "uwa3d")
@@ -621,32 +649,49 @@ def build_records(args):
     return splits, skipped
 
 
+LIST_FORMAT = ("a CSV with the header id,label,rgb,depth,ir,skeleton (any order; the modality columns of the run "
+               "are required), one sample per line: an id, an integer label >= 0, and per modality a path relative "
+               "to --data-root (frame folder, video, .npy or .skeleton) or an empty cell")
+
+
 def read_list(path, args, num_classes=None):
-    """CSV `id,label,rgb,depth,ir,skeleton` (paths relative to --data-root; empty = absent)."""
+    """Records of a list CSV (`LIST_FORMAT`). A malformed line is an InputError naming file:line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"list file not found: {path}")
+        raise config.InputError(f"list file not found: {path}")
+    need = ["id", "label", *args.modalities]
+    records, missing = [], 0
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        need = {"id", "label"} | set(args.modalities)
-        if reader.fieldnames is None or not need <= set(reader.fieldnames):
-            raise ValueError(f"{path}: header must contain {sorted(need)}, got {reader.fieldnames}")
-        records, missing = [], 0
-        for row_no, row in enumerate(reader, start=2):
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        if not set(need) <= set(header):
+            raise config.InputError(f"{path}:1: header {','.join(header) or '(empty)'} lacks "
+                                    f"{','.join(c for c in need if c not in header)}; expected {LIST_FORMAT}")
+        for cells in reader:
+            where = f"{path}:{reader.line_num}"
+            if not any(c.strip() for c in cells):
+                continue  # blank line
+            if len(cells) != len(header):
+                raise config.InputError(f"{where}: {len(cells)} fields, expected {len(header)} "
+                                        f"({','.join(header)}); the list must be {LIST_FORMAT}")
+            row = {h: c.strip() for h, c in zip(header, cells)}
+            if not row["id"]:
+                raise config.InputError(f"{where}: empty id; the list must be {LIST_FORMAT}")
             try:
                 label = int(row["label"])
             except ValueError:
-                raise ValueError(f"{path} line {row_no}: label {row['label']!r} is not an integer") from None
+                raise config.InputError(f"{where}: label {row['label']!r} is not an integer; "
+                                        f"the list must be {LIST_FORMAT}") from None
             if label < 0 or (num_classes is not None and label >= num_classes):
-                raise ValueError(f"{path} line {row_no}: label {label} outside [0, {num_classes})")
-            lacking = [m for m in args.modalities if not (row.get(m) or "").strip()]
+                raise config.InputError(f"{where}: label {label} outside [0, {num_classes if num_classes else 'C'})")
+            lacking = [m for m in args.modalities if not row[m]]
             if lacking:
                 if args.strict:
-                    raise ValueError(f"{path} line {row_no}: sample {row['id']} has no {', '.join(lacking)} entry")
+                    raise config.InputError(f"{where}: sample {row['id']} has no {', '.join(lacking)} entry (--strict)")
                 missing += 1
                 continue
             records.append({"id": row["id"], "label": label,
-                            "paths": {m: str(Path(args.data_root) / row[m].strip()) for m in args.modalities}})
+                            "paths": {m: str(Path(args.data_root) / row[m]) for m in args.modalities}})
     if missing:
         warnings.warn(f"{path}: skipped {missing} rows missing a selected modality")
     return records, missing
@@ -683,7 +728,8 @@ def build_datasets(args):
     mods = args.modalities
     if args.synthetic:
         from common.data import multimodal_synthetic as syn
-        tr, te = syn.make_split("train", args.synthetic_train), syn.make_split("test", args.synthetic_test)
+        tr = syn.make_split("train", args.synthetic_train, variant=args.synthetic_data)
+        te = syn.make_split("test", args.synthetic_test, variant=args.synthetic_data)
         train_idx, val_idx = stratified_split(tr["label"], args.val_fraction, args.split_seed)
         sets = {"train": SyntheticClips(tr, train_idx, mods),
                 "val": SyntheticClips(tr, val_idx, mods) if len(val_idx) else None,
@@ -691,7 +737,7 @@ def build_datasets(args):
         return sets, syn.NUM_CLASSES, 0
     if args.dataset == "list":
         if not args.train_list or not args.test_list:
-            raise ValueError("--dataset list needs --train-list and --test-list (CSV id,label,rgb,depth,ir,skeleton)")
+            raise config.InputError("--dataset list needs --train-list and --test-list (CSV id,label,rgb,depth,ir,skeleton)")
         train, s1 = read_list(args.train_list, args)
         test, s2 = read_list(args.test_list, args)
         val, s3 = read_list(args.val_list, args) if args.val_list else (None, 0)
@@ -702,7 +748,7 @@ def build_datasets(args):
         train, test, val = splits["train"], splits["test"], None
         num_classes = NUM_CLASSES[args.dataset]
         if not train or not test:
-            raise FileNotFoundError(f"{args.dataset} {args.split}: found {len(train)} train and {len(test)} test "
+            raise config.InputError(f"{args.dataset} {args.split}: found {len(train)} train and {len(test)} test "
                                     f"samples with all of {','.join(mods)} under {args.data_root}")
     if val is None and args.val_fraction > 0:
         tr_idx, va_idx = stratified_split([r["label"] for r in train], args.val_fraction, args.split_seed)
@@ -809,6 +855,7 @@ class ImageFrames(nn.Module):
     def __init__(self, arch):
         super().__init__()
         import torchvision
+        self.arch = arch
         self.net = getattr(torchvision.models, arch)(weights=None)
         self.net.fc = nn.Identity()
 
@@ -1131,15 +1178,94 @@ class Net(nn.Module):
         return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_rec": loss_rec.detach(), "logits": logits.detach()}
 
 
-def load_backbone_weights(net, path):
-    """A local ImageNet ResNet state dict (torchvision or timm keys; fc.* dropped) into every image stream."""
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file (timm's Hugging Face format): an 8-byte little-endian
+    header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw data. Data only,
+    so nothing in the file can run."""
+    data = Path(path).read_bytes()
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = (8 + n + int(o) for o in info["data_offsets"])
+            numel = math.prod(info["shape"])
+            if end > len(data) or end - begin != numel * dtype.itemsize:
+                raise ValueError(f"tensor {name}: data_offsets do not fit shape {info['shape']} {info['dtype']}")
+            out[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(info["shape"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ckpt.CheckpointError(f"--weights {path}: not a valid .safetensors file ({type(e).__name__}: {e})") from e
+    return out
+
+
+def resnet_state_dict(path, trust=False):
+    """An ImageNet ResNet file in the torchvision or timm layout -> the keys of torchvision's ResNet
+    without `fc`.
+
+    Handled: a raw state dict (torchvision `resnet34-*.pth`, timm `pytorch_model.bin` / release
+    `.pth`), timm's `model.safetensors`, a training checkpoint holding it under `state_dict` or
+    `model` (timm's train checkpoints; `state_dict_ema` is not used), DDP's `module.` prefix, the
+    1000-class `fc.*` head (dropped), and files without BatchNorm `num_batches_tracked` (older
+    torchvision releases; the counter does not affect the forward pass).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ckpt.CheckpointError(f"--weights {path}: file not found (weights are never downloaded; "
+                                   f"pass a local file)")
+    if path.suffix == ".safetensors":
+        state = read_safetensors(path)
+    else:
+        state = ckpt.safe_load(path, what="--weights", trust=trust)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ckpt.CheckpointError(f"--weights {path}: expected a ResNet state dict of tensors (torchvision or timm "
+                                   f"layout), got {type(state).__name__}")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def load_backbone_weights(net, path, *, allow_partial=False, trust=False):
+    """Load a torchvision/timm ImageNet ResNet file into every image stream; returns the streams.
+
+    A key the backbone needs that the file lacks, or one the file has that the backbone does not, is
+    a CheckpointError naming the keys, unless `allow_partial` (then they are printed). A shape
+    mismatch is always an error.
+    """
+    state = resnet_state_dict(path, trust)
     loaded = []
     for m, stream in net.streams.items():
-        if isinstance(stream.frames, ImageFrames):
-            def convert(sd):
-                return {k: v for k, v in sd.items() if not k.startswith("fc.")}
-            ckpt.load_weights(path, stream.frames.net, convert=convert, strict=True)
-            loaded.append(m)
+        if not isinstance(stream.frames, ImageFrames):
+            continue
+        backbone = stream.frames.net
+        own = backbone.state_dict()
+        full = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
+        shapes = [k for k in own if k in full and tuple(full[k].shape) != tuple(own[k].shape)]
+        missing, unexpected = sorted(set(own) - set(full)), sorted(set(full) - set(own))
+        if shapes or ((missing or unexpected) and not allow_partial):
+            try:
+                ckpt.check_state_dict(backbone, full, f"--weights {path} ({m} backbone, --arch {stream.frames.arch})")
+            except ckpt.CheckpointError as e:
+                hint = ("; expected a torchvision/timm ResNet layout (conv1, bn1, layer1-4[, fc]); timm's deep-stem "
+                        "variants (resnet34d, ...) are other architectures")
+                partial = "" if shapes else "; pass --allow-partial-weights to load the matching keys anyway"
+                raise ckpt.CheckpointError(f"{e}{hint}{partial}") from None
+        if missing or unexpected:
+            print(f"warning: --weights {path} ({m} backbone) loaded partially: missing {missing}, unexpected "
+                  f"{unexpected} (--allow-partial-weights)")
+        backbone.load_state_dict({k: v for k, v in full.items() if k in own}, strict=False)
+        loaded.append(m)
     return loaded
 
 
@@ -1257,6 +1383,12 @@ def main(argv=None):
         args = resolve_args(args)
     except ValueError as e:
         parser.error(str(e))
+    has_images = any(m != "skeleton" for m in args.modalities)
+    if has_images and not args.eval_only and ckpt.resolve_resume(args.resume, args.output_dir) is None:
+        config.require_weights(args, f"the {args.arch} backbones")
+    if args.weights and not has_images:
+        raise config.InputError(f"--weights {args.weights}: this run has no image modality "
+                                f"({','.join(args.modalities)}) to load a ResNet into")
     env = dist.setup(args.device)
     # masking noise differs per rank; K comes from k_gen, identical on every rank
     dist.seed_everything(args.seed + env.rank)
@@ -1275,10 +1407,9 @@ def main(argv=None):
     if args.weights:
         import hashlib
         weights_sha = hashlib.sha256(Path(args.weights).read_bytes()).hexdigest()
-        loaded = load_backbone_weights(net, args.weights)
+        loaded = load_backbone_weights(net, args.weights, allow_partial=args.allow_partial_weights,
+                                       trust=args.trust_checkpoint)
         print(f"loaded {args.weights} into the {','.join(loaded)} backbones")
-    elif not args.synthetic:
-        warnings.warn("no --weights: the ResNet backbones start from random init (not comparable to the paper)")
     n_params = sum(p.numel() for p in net.parameters())
     model = net
     if env.distributed:
@@ -1314,7 +1445,8 @@ def main(argv=None):
     resume = ckpt.resolve_resume(args.resume, out_dir)
     if resume is not None:
         state = ckpt.load_checkpoint(resume, model=net, optimizer=None if args.eval_only else optimizer,
-                                     scheduler=None if args.eval_only else scheduler, scaler=scaler)
+                                     scheduler=None if args.eval_only else scheduler, scaler=scaler,
+                                     trust=args.trust_checkpoint)
         start_epoch, best = state["epoch"], state["best_metric"]
         if state["extra"] and "k_gen" in state["extra"]:
             k_gen.set_state(state["extra"]["k_gen"])
@@ -1361,7 +1493,7 @@ def main(argv=None):
     preds = {"last": last_preds}
     best_path = out_dir / "best.pth"
     if select_split and best_path.is_file() and not args.eval_only:
-        state = torch.load(best_path, map_location="cpu", weights_only=True)
+        state = ckpt.safe_load(best_path, what="best checkpoint", trust=args.trust_checkpoint)
         net.load_state_dict(state["model"])
         results["best"], preds["best"] = evaluate(net, eval_loader["test"], subsets, args, env)
         results["best_epoch"] = state["epoch"]
@@ -1401,7 +1533,11 @@ DEMO_METHODS = {
     "actionmae": ["--model", "actionmae"],
     "actionmae-official": ["--model", "actionmae", "--official-pos", "--official-eval-slots",
                            "--official-full-slots", "--fusion-input", "decoder", "--rec-target-grad"],
+    "actionmae-norec": ["--model", "actionmae", "--w-rec", "0"],  # same network, no reconstruction loss
 }
+# per benchmark (--data): the synthetic split sizes (the test split is always 2,000)
+DEMO_DATA = {"offset": ["--synthetic-data", "offset", "--synthetic-train", "1000"],
+             "redundant": ["--synthetic-data", "redundant", "--synthetic-train", "4000"]}
 DEMO_RECIPE = ["--synthetic", "--modalities", "a,b,c", "--num-frames", "12", "--epochs", "20",
                "--batch-size", "64", "--eval-batch-size", "500", "--lr", "1e-3", "--lr-scaling", "none",
                "--lr-schedule", "onecycle", "--weight-decay", "1e-4", "--temporal-depth", "1",
@@ -1413,11 +1549,14 @@ DEMO_RECIPE = ["--synthetic", "--modalities", "a,b,c", "--num-frames", "12", "--
 def demo(argv=None):
     p = argparse.ArgumentParser(description="ActionMAE offline synthetic demo (spec §7.2)")
     p.add_argument("--output-dir", default="runs/actionmae_demo")
+    p.add_argument("--data", default="offset", choices=list(DEMO_DATA),
+                   help="offset: b and c share an offset only their joint reading removes (reconstruction can "
+                        "matter); redundant: the spec §7.2 benchmark")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=["baseline", "baseline-dropout", "actionmae"],
                    choices=list(DEMO_METHODS))
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (the d=64 model gains nothing from more)")
     p.add_argument("--rerun", action="store_true", help="retrain runs whose results.json already exists")
     p.add_argument("--extra", default="", help="flags appended to every run, e.g. '--token-granularity frame'")
     a = p.parse_args(argv)
@@ -1425,22 +1564,25 @@ def demo(argv=None):
     os.environ.setdefault("TQDM_DISABLE", "1")
     out = Path(a.output_dir)
     rows = []
+    meta = {"data": a.data, "command": "python train_actionmae.py demo " + shlex.join(argv or []),
+            "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0]},
+            "threads": a.threads}
     t_all, cpu_all = time.time(), time.process_time()
     for seed in a.seeds:  # seed-major: every arm of a seed finishes before the next seed starts
         for method in a.methods:
             run_dir = out / f"{method}_seed{seed}"
+            run_argv = (DEMO_RECIPE + DEMO_DATA[a.data] + DEMO_METHODS[method] + ["--epochs", str(a.epochs),
+                        "--seed", str(seed), "--output-dir", str(run_dir)] + shlex.split(a.extra))
             t0, c0 = time.time(), time.process_time()
             done = run_dir / "results.json"
-            if done.is_file() and not a.rerun:
+            saved = json.loads(done.read_text()) if done.is_file() and not a.rerun else {}
+            if saved.get("demo_argv") == run_argv:
                 print(f"reusing {done} (pass --rerun to train again)")
-                saved = json.loads(done.read_text())
                 res, timing = saved["best"], saved.get("timing", {})
             else:
-                res = main(DEMO_RECIPE + DEMO_METHODS[method] + ["--epochs", str(a.epochs), "--seed", str(seed),
-                                                                "--output-dir", str(run_dir)] + shlex.split(a.extra))["best"]
+                res = main(run_argv)["best"]
                 timing = {"wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
-                saved = json.loads(done.read_text())
-                clog.write_json(done, {**saved, "timing": timing})
+                clog.write_json(done, {**json.loads(done.read_text()), "timing": timing, "demo_argv": run_argv})
             row = {"method": method, "seed": seed}
             for name, r in res["subsets"].items():
                 row[f"top1_{name}"] = r["top1"]
@@ -1449,7 +1591,7 @@ def demo(argv=None):
             row["full"] = res["full_top1"]
             row["wall_s"], row["cpu_s"] = timing.get("wall_s"), timing.get("cpu_s")
             rows.append(row)
-            clog.write_summary(out / "summary.json", rows)
+            clog.write_json(out / "summary.json", {"rows": rows, **meta})
     metric_cols = [k for k in rows[0] if k not in ("method", "seed", "wall_s", "cpu_s")] + ["wall_s", "cpu_s"]
     print(clog.summary_table(rows, metric_cols))
     wall, cpu = time.time() - t_all, time.process_time() - cpu_all
@@ -1457,7 +1599,8 @@ def demo(argv=None):
     check = demo_acceptance(rows)
     for line in check["lines"]:
         print(line)
-    clog.write_json(out / "acceptance.json", {**check, "wall_s": wall, "cpu_s": cpu})
+    clog.write_json(out / "summary.json", {"rows": rows, **meta, "wall_s": wall, "cpu_s": cpu})
+    clog.write_json(out / "acceptance.json", {**check, **meta, "wall_s": wall, "cpu_s": cpu})
     (out / "summary.md").write_text(markdown_table(rows) + "\n")
     return rows
 
@@ -1485,25 +1628,34 @@ def demo_acceptance(rows):
         return float(np.mean(vals)) if vals else float("nan")
     m, b, d = "actionmae", "baseline", "baseline-dropout"
     gain = mean(m, "mean_missing_strongest") - mean(b, "mean_missing_strongest")
+    rec_gain = mean(m, "mean_missing_strongest") - mean(d, "mean_missing_strongest")
     vs_ctrl = mean(m, "mean_all") - mean(d, "mean_all")
     full = mean(m, "full") - mean(b, "full")
-    checks = {"missing_strongest_gain_ge_10": gain >= 10, "not_below_dropout_control": vs_ctrl >= 0,
-              "full_within_1": abs(full) <= 1 or full > 0}
+    checks = {"missing_strongest_gain_ge_10": gain >= 10, "reconstruction_gain_ge_3": rec_gain >= 3,
+              "not_below_dropout_control": vs_ctrl >= 0, "full_within_1": abs(full) <= 1 or full > 0}
+
+    def verdict(key):
+        return "PASS" if checks[key] else "FAIL"
     lines = [f"ActionMAE - baseline, mean over subsets without 'a': {gain:+.2f} points (need >= +10): "
-             f"{'PASS' if checks['missing_strongest_gain_ge_10'] else 'FAIL'}",
+             f"{verdict('missing_strongest_gain_ge_10')}",
+             f"ActionMAE - dropout control, mean over subsets without 'a': {rec_gain:+.2f} points (need >= +3): "
+             f"{verdict('reconstruction_gain_ge_3')}",
              f"ActionMAE - dropout control, mean over all subsets: {vs_ctrl:+.2f} points (need >= 0): "
-             f"{'PASS' if checks['not_below_dropout_control'] else 'FAIL'}",
-             f"ActionMAE - baseline, full modalities: {full:+.2f} points (need >= -1): "
-             f"{'PASS' if checks['full_within_1'] else 'FAIL'}",
+             f"{verdict('not_below_dropout_control')}",
+             f"ActionMAE - baseline, full modalities: {full:+.2f} points (need >= -1): {verdict('full_within_1')}",
              f"dropout control - baseline, mean over subsets without 'a': "
              f"{mean(d, 'mean_missing_strongest') - mean(b, 'mean_missing_strongest'):+.2f} points "
              f"(the part of the gain that needs no reconstruction)"]
-    return {"checks": checks, "lines": lines, "gain_missing_strongest": gain, "vs_dropout_mean_all": vs_ctrl,
-            "full_diff": full}
+    if any(r["method"] == "actionmae-norec" for r in rows):
+        lines.append(f"ActionMAE - the same network without L_rec, mean over subsets without 'a': "
+                     f"{mean(m, 'mean_missing_strongest') - mean('actionmae-norec', 'mean_missing_strongest'):+.2f} "
+                     f"points (the part that needs the reconstruction loss)")
+    return {"checks": checks, "lines": lines, "gain_missing_strongest": gain, "rec_gain_missing_strongest": rec_gain,
+            "vs_dropout_mean_all": vs_ctrl, "full_diff": full}
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "demo":
-        demo(sys.argv[2:])
+        config.run_main(demo, sys.argv[2:])
     else:
-        main()
+        config.run_main(main)

@@ -464,6 +464,10 @@ def test_ntu_native_layout_end_to_end(tmp_path):
         ds, C, skipped = am.build_datasets(args)
     assert C == 60 and skipped == 1
     assert len(ds["train"]) == 2 and len(ds["test"]) == 2  # P001 train, P003 test (xsub)
+    (tmp_path / "missing.txt").write_text("S001C002P001R002A002\n")  # the public lists: one id per line
+    recs, _ = am.build_records(make_args(small + ["--modalities", "rgb,skeleton", "--missing-skeletons",
+                                                  str(tmp_path / "missing.txt")]))
+    assert [r["id"] for r in recs["train"]] == ["S001C002P001R001A001", "S001C003P002R001A003"]
     item = ds["test"][0]
     assert item["rgb"].shape == (4, 3, 32, 32) and item["depth"].shape == (4, 3, 32, 32)
     assert item["skeleton"].shape == (4, 25, 3) and item["valid"].tolist() == [True] * 4
@@ -474,7 +478,7 @@ def test_ntu_native_layout_end_to_end(tmp_path):
     assert torch.allclose(raw[:, 0] * 255, torch.tensor([10.0, 30, 40, 50]), atol=1.0)
     # depth has 8 frames: floor(idx*8/6) = 0,2,4,5 (proportional frame sync, counted)
     assert ds["test"].frame_mismatch >= 1
-    with pytest.raises(FileNotFoundError, match=r"sample S001C003P002R001A003 has no depth"):
+    with pytest.raises(config.InputError, match=r"sample S001C003P002R001A003 has no depth"):
         am.build_datasets(make_args(small + ["--modalities", "rgb,depth", "--strict"]))
     # one training step of the ResNet streams on a collated batch of the generated files
     args = make_args(small + ["--modalities", "rgb,depth,skeleton", "--val-fraction", "0"])
@@ -512,7 +516,7 @@ def test_missing_and_corrupt_frames_name_sample_and_modality(tmp_path):
     ds.strict = True
     with pytest.raises(FileNotFoundError, match=rf"sample {rec['id']}: ir"):
         ds[0]
-    with pytest.raises(FileNotFoundError, match="NTU rgb root not found"):
+    with pytest.raises(config.InputError, match="NTU rgb root not found"):
         am.build_records(make_args(["--modalities", "rgb,depth", "--data-root", str(tmp_path / "nope")]))
 
 
@@ -560,12 +564,83 @@ def test_list_csv_and_video(tmp_path):
     assert missing == 1 and recs[0]["label"] == 3
     item = am.MultiModalClips(recs, args.modalities, "list", False, args)[0]
     assert item["rgb"].shape == (4, 3, 32, 32)
-    (tmp_path / "bad.csv").write_text("id,lbl,rgb\n")
-    with pytest.raises(ValueError, match="header must contain"):
+
+
+
+def test_ntu_rgb_avi_is_resized_like_the_frame_path(tmp_path, monkeypatch):
+    """A 1920x1080 NTU .avi goes to 480x270 on decode, so the test crop sees the same field of view
+    as the same frames stored as JPEGs (spec §2.2); only the sampled frames are decoded."""
+    from PIL import Image
+    from common import video
+    H, W, n = 1080, 1920, 4
+    yy, xx = np.mgrid[0:H, 0:W]
+    frames = np.stack([np.stack([xx * 255 // W, yy * 255 // H, np.full((H, W), 60 + 20 * k)], -1) for k in range(n)])
+    frames = frames.astype(np.uint8)
+    frames[:, 500:580, 1100:1180] = 255  # a white marker, right of centre (outside a native-resolution centre crop)
+    sid = "S001C001P003R001A001"
+    folder = tmp_path / "frames" / f"{sid}_rgb"
+    folder.mkdir(parents=True)
+    for k, f in enumerate(frames):
+        Image.fromarray(f).save(folder / f"{k + 1:04d}.jpg", quality=95)
+    root = tmp_path / "ntu"
+    avi = root / "rgb" / "nturgb+d_rgb_s001" / f"{sid}_rgb.avi"
+    video.write_video(avi, frames)  # mpeg4, as the NTU release
+    ir_avi = root / "ir" / "nturgb+d_ir_s001" / f"{sid}_ir.avi"
+    video.write_video(ir_avi, np.full((n, 424, 512, 3), 90, np.uint8))
+    recs, _ = am.build_records(make_args(["--modalities", "rgb,ir", "--data-root", str(root)]))
+    assert recs["test"] == [{"id": sid, "label": 0, "paths": {"rgb": str(avi), "ir": str(ir_avi)}}]
+    calls = []
+    real = video.decode_clip
+    monkeypatch.setattr(video, "read_video", lambda *a, **k: pytest.fail("read_video called per sample"))
+    monkeypatch.setattr(video, "decode_clip", lambda p, idx, size=None: calls.append((list(idx), size)) or
+                        real(p, idx, size=size))
+    args = make_args(["--num-frames", "3", "--modalities", "rgb"])
+    recs = [{"id": sid, "label": 0, "paths": {"rgb": str(folder)}},
+            {"id": sid, "label": 0, "paths": {"rgb": str(avi)}}]
+    ds = am.MultiModalClips(recs, ("rgb",), "ntu60", False, args)
+    from_frames, from_video = ds[0]["rgb"], ds[1]["rgb"]
+    assert calls == [([0, 1, 3], (270, 480))]  # round(i*4/3); exact 480x270 on decode
+    mean, std = torch.tensor(am.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(am.IMAGENET_STD).view(3, 1, 1)
+    a, b = ((x * std + mean) * 255 for x in (from_frames, from_video))
+    assert a.shape == b.shape == (3, 3, 224, 224)
+    assert float((a - b).abs().mean()) < 4.0  # JPEG vs mpeg4 + two resizers: a few levels
+
+    def marker(x):
+        ys, xs = torch.nonzero(x[0].min(0).values > 240, as_tuple=True)
+        return float(ys.float().mean()), float(xs.float().mean()), len(ys)
+    (ya, xa, na), (yb, xb, nb) = marker(a), marker(b)
+    # centre crop 179 of 480x270 (x 150..329, y 46..225) -> 224: the marker sits at (111, 168.5) in both
+    assert abs(ya - 111) < 1.5 and abs(xa - 168.5) < 1.5 and na > 300
+    assert abs(ya - yb) < 1.0 and abs(xa - xb) < 1.0 and abs(na - nb) < 0.1 * na
+
+
+@pytest.mark.parametrize("text,message", [
+    ("id,lbl,rgb\n", r"bad\.csv:1: header id,lbl,rgb lacks label,depth; expected a CSV with the header id,label"),
+    ("id,label,rgb,depth\nx,1,v1.mp4,d1\ny,2\n", r"bad\.csv:3: 2 fields, expected 4 \(id,label,rgb,depth\); the list"),
+    ("id,label,rgb,depth\nx,1,v1.mp4,d1,extra\n", r"bad\.csv:2: 5 fields, expected 4"),
+    ("id,label,rgb,depth\n\nx,abc,v1.mp4,d1\n", r"bad\.csv:3: label 'abc' is not an integer; the list must be a CSV"),
+    ("id,label,rgb,depth\n,1,v1.mp4,d1\n", r"bad\.csv:2: empty id"),
+    ("id,label,rgb,depth\nx,-1,v1.mp4,d1\n", r"bad\.csv:2: label -1 outside"),
+])
+def test_bad_list_lines_name_file_line_and_format(tmp_path, text, message):
+    args = make_args(["--dataset", "list", "--data-root", str(tmp_path), "--modalities", "rgb,depth"])
+    (tmp_path / "bad.csv").write_text(text)
+    with pytest.raises(config.InputError, match=message):
         am.read_list(tmp_path / "bad.csv", args)
-    (tmp_path / "bad2.csv").write_text("id,label,rgb,depth\nx,abc,v1.mp4,d1\n")
-    with pytest.raises(ValueError, match="line 2: label 'abc'"):
-        am.read_list(tmp_path / "bad2.csv", args)
+
+
+def test_cli_input_errors_are_one_line(tmp_path):
+    """`python train_actionmae.py` (the __main__ block) prints one `error:` line and exits 2."""
+    import subprocess
+    import sys
+    (tmp_path / "l.csv").write_text("id,label,rgb,depth\nx,1\n")
+    argv = [sys.executable, str(Path(am.__file__)), "--dataset", "list", "--train-list", str(tmp_path / "l.csv"),
+            "--test-list", str(tmp_path / "l.csv"), "--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+            "--from-scratch", "--workers", "0"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    expected = f"error: {tmp_path / 'l.csv'}:2: 2 fields, expected 4 (id,label,rgb,depth); the list must be {am.LIST_FORMAT}"
+    assert r.stderr.strip().splitlines() == [expected]
 
 
 def test_preprocessing_sizes_and_per_clip_params():
@@ -580,20 +655,124 @@ def test_preprocessing_sizes_and_per_clip_params():
     assert t.shape == (2, 3, 224, 224) and float(t[0, 0, 0, 0]) == pytest.approx(-0.485 / 0.229, abs=1e-4)  # zero pad
 
 
-def test_weights_from_local_file_only(tmp_path):
+def _write_safetensors(path, state):
+    """The safetensors layout (timm's `model.safetensors`): u64 header size, JSON header, raw data."""
+    names = {torch.float32: "F32", torch.int64: "I64"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for k, v in state.items():
+        raw = v.contiguous().numpy().tobytes()
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def _rgb_net(arch):
+    return am.Net(make_args(["--modalities", "rgb,depth", "--arch", arch, "--temporal-depth", "1"]), 10)
+
+
+def _same_backbone(net, src):
+    ref_sd = {k: v for k, v in src.state_dict().items() if not k.startswith("fc.") and "num_batches" not in k}
+    for m in ("rgb", "depth"):
+        sd = net.streams[m].frames.net.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in ref_sd.items()), m
+
+
+def test_weights_torchvision_and_timm_layouts(tmp_path):
+    """Files in each official layout load into every image backbone (fc dropped)."""
+    import torchvision
+    torch.manual_seed(0)
+    r34 = torchvision.models.resnet34(weights=None)
+    for p_ in r34.modules():
+        if isinstance(p_, torch.nn.BatchNorm2d):
+            p_.running_mean.normal_()  # so a buffer that is not loaded shows up
+    torch.save(r34.state_dict(), tmp_path / "resnet34-b627a593.pth")  # torchvision release: raw state dict with fc.*
+    net = _rgb_net("resnet34")
+    assert am.load_backbone_weights(net, tmp_path / "resnet34-b627a593.pth") == ["rgb", "depth"]
+    _same_backbone(net, r34)
+
+    r18 = torchvision.models.resnet18(weights=None)  # timm's resnet keys are torchvision's (conv1/bn1/layer*/fc)
+    sd = r18.state_dict()
+    _write_safetensors(tmp_path / "model.safetensors", sd)  # timm on the Hugging Face hub
+    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": {"module." + k: v for k, v in sd.items()},
+                "state_dict_ema": {k: torch.zeros_like(v) for k, v in sd.items()}, "version": 2},
+               tmp_path / "timm_train.pth.tar")  # a timm train checkpoint saved from DDP
+    legacy = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}  # older releases
+    torch.save(legacy, tmp_path / "legacy.pth")
+    for name in ("model.safetensors", "timm_train.pth.tar", "legacy.pth"):
+        net = _rgb_net("resnet18")
+        assert am.load_backbone_weights(net, tmp_path / name) == ["rgb", "depth"], name
+        _same_backbone(net, r18)
+
+
+def test_weights_partial_or_wrong_layouts_are_errors(tmp_path, capsys):
     import torchvision
     from common.checkpoint import CheckpointError
-    src = torchvision.models.resnet18(weights=None)
-    torch.save(src.state_dict(), tmp_path / "r18.pth")  # torchvision/timm layout, with fc.*
-    args = make_args(["--modalities", "rgb", "--arch", "resnet18", "--temporal-depth", "1"])
-    net = am.Net(args, 10)
-    assert am.load_backbone_weights(net, tmp_path / "r18.pth") == ["rgb"]
-    assert torch.equal(net.streams["rgb"].frames.net.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
-    args34 = make_args(["--modalities", "rgb", "--arch", "resnet34", "--temporal-depth", "1"])
-    with pytest.raises(CheckpointError, match="r18.pth"):
-        am.load_backbone_weights(am.Net(args34, 10), tmp_path / "r18.pth")
+    sd = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save({k: v for k, v in sd.items() if k != "layer4.1.bn2.weight"}, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match=r"missing\.pth \(rgb backbone, --arch resnet18\).*missing keys "
+                                              r"\[layer4\.1\.bn2\.weight\].*--allow-partial-weights"):
+        am.load_backbone_weights(_rgb_net("resnet18"), tmp_path / "missing.pth")
+    net = _rgb_net("resnet18")
+    assert am.load_backbone_weights(net, tmp_path / "missing.pth", allow_partial=True) == ["rgb", "depth"]
+    assert "missing ['layer4.1.bn2.weight']" in capsys.readouterr().out
+    assert torch.equal(net.streams["rgb"].frames.net.conv1.weight, sd["conv1.weight"])
+    # timm's deep-stem resnet18d: conv1.0/conv1.1/... are unexpected, conv1.weight missing
+    deep = {k: v for k, v in sd.items() if not k.startswith("conv1.")}
+    deep.update({"conv1.0.weight": torch.zeros(32, 3, 3, 3), "conv1.1.weight": torch.ones(32)})
+    torch.save(deep, tmp_path / "resnet18d.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys \[conv1\.weight\].*unexpected keys \[conv1\.0\.weight, "
+                                              r"conv1\.1\.weight\].*deep-stem"):
+        am.load_backbone_weights(_rgb_net("resnet18"), tmp_path / "resnet18d.pth")
+    torch.save(sd, tmp_path / "r18.pth")
+    with pytest.raises(CheckpointError, match=r"r18\.pth .*missing keys \[layer1\.2\."):  # resnet18 file, resnet34 run
+        am.load_backbone_weights(_rgb_net("resnet34"), tmp_path / "r18.pth", allow_partial=False)
     with pytest.raises(CheckpointError, match="not found"):
-        am.load_backbone_weights(net, tmp_path / "missing.pth")
+        am.load_backbone_weights(net, tmp_path / "nope.pth")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(CheckpointError, match="bad.safetensors: not a valid .safetensors file"):
+        am.load_backbone_weights(net, tmp_path / "bad.safetensors")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoints_never_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Payload(marker), "epoch": 1}, tmp_path / "evil.pth")
+    from common.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        am.load_backbone_weights(_rgb_net("resnet18"), tmp_path / "evil.pth")
+    out = tmp_path / "run"
+    base = SYN + ["--synthetic-train", "64", "--synthetic-test", "16", "--eval-batch-size", "16",
+                  "--output-dir", str(out)]
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        am.main(base + ["--resume", str(tmp_path / "evil.pth")])
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        am.main(base + ["--eval-only", "--resume", str(tmp_path / "evil.pth")])
+    assert not marker.exists()
+
+
+def test_real_data_run_needs_weights_or_from_scratch(tmp_path):
+    argv = ["--dataset", "list", "--train-list", str(tmp_path / "none.csv"), "--test-list", str(tmp_path / "none.csv"),
+            "--output-dir", str(tmp_path / "o")]
+    with pytest.raises(config.InputError, match="no --weights given.*--from-scratch"):
+        am.main(argv)
+    with pytest.raises(config.InputError, match="list file not found"):  # past the weights check
+        am.main(argv + ["--from-scratch"])
+    with pytest.raises(config.InputError, match="list file not found"):  # skeleton only: no ResNet to initialise
+        am.main(argv + ["--modalities", "skeleton"])
+    (tmp_path / "w.pth").write_bytes(b"x")
+    with pytest.raises(config.InputError, match="no image modality"):
+        am.main(argv + ["--modalities", "skeleton", "--weights", str(tmp_path / "w.pth")])
 
 
 def test_saved_config_reloads(tmp_path):
@@ -610,8 +789,10 @@ def test_demo_summary_rows_and_acceptance(tmp_path):
     out = tmp_path / "demo"
     rows = am.demo(["--output-dir", str(out), "--seeds", "0", "--methods", "baseline", "actionmae", "--epochs", "0",
                     "--threads", "1", "--extra", "--synthetic-train 100 --synthetic-test 40"])
-    summary = json.loads((out / "summary.json").read_text())["rows"]
+    meta = json.loads((out / "summary.json").read_text())
+    summary = meta["rows"]
     assert [r["method"] for r in summary] == ["baseline", "actionmae"] and summary == json.loads(json.dumps(rows))
+    assert meta["data"] == "offset" and meta["versions"]["torch"] == torch.__version__ and "numpy" in meta["versions"]
     r = summary[1]
     for key in ("seed", "top1_a", "top1_bc", "top1_abc", "top1_mean", "mean_all", "mean_missing_strongest", "full",
                 "wall_s", "cpu_s"):
@@ -621,9 +802,17 @@ def test_demo_summary_rows_and_acceptance(tmp_path):
     rows2 = am.demo(["--output-dir", str(out), "--seeds", "0", "--methods", "baseline", "--epochs", "0",
                      "--extra", "--synthetic-train 100 --synthetic-test 40"])
     assert rows2[0]["top1_a"] == summary[0]["top1_a"]  # reused, not retrained
+    rows3 = am.demo(["--output-dir", str(out), "--seeds", "0", "--methods", "baseline", "--epochs", "0",
+                     "--data", "redundant", "--extra", "--synthetic-train 100 --synthetic-test 40"])
+    saved = json.loads((out / "baseline_seed0" / "results.json").read_text())
+    assert len(rows3) == 1 and "redundant" in saved["demo_argv"]  # another benchmark: retrained, not reused
     fake = [{"method": m, "seed": 0, "mean_missing_strongest": v, "mean_all": v, "full": 90.0}
-            for m, v in (("baseline", 40.0), ("baseline-dropout", 60.0), ("actionmae", 61.0))]
+            for m, v in (("baseline", 40.0), ("baseline-dropout", 60.0), ("actionmae", 63.5))]
     check = am.demo_acceptance(fake)
-    assert all(check["checks"].values()) and check["gain_missing_strongest"] == pytest.approx(21.0)
+    assert all(check["checks"].values()) and check["gain_missing_strongest"] == pytest.approx(23.5)
+    assert check["rec_gain_missing_strongest"] == pytest.approx(3.5)
+    fake[2]["mean_missing_strongest"] = fake[2]["mean_all"] = 61.0
+    check = am.demo_acceptance(fake)
+    assert not check["checks"]["reconstruction_gain_ge_3"] and check["checks"]["not_below_dropout_control"]
     fake[2]["mean_all"] = 59.0
     assert not am.demo_acceptance(fake)["checks"]["not_below_dropout_control"]
