@@ -326,10 +326,10 @@ class _Converter:
         self.reformatter = VideoReformatter()
 
     def __call__(self, frame):
-        if self.size is None:
+        h, w = output_size(frame.height, frame.width, self.size)
+        if (h, w) == (frame.height, frame.width):  # already the asked size: the plain conversion
             rgb = self.reformatter.reformat(frame, format="rgb24")
         else:
-            h, w = output_size(frame.height, frame.width, self.size)
             rgb = self.reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation=INTERPOLATION)
         return rgb.to_ndarray()
 

@@ -387,3 +387,13 @@ def test_to_float_normalized_matches_the_formula_and_leaves_its_input():
     as_float = clip.float()
     video.to_float_normalized(as_float, mean, std)
     assert torch.equal(as_float, clip.float())
+
+
+def test_size_equal_to_the_source_is_the_plain_decode(tmp_path):
+    frames = (np.random.default_rng(0).random((6, 32, 48, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "same.mp4"
+    video.write_video(path, frames)
+    plain = video.decode_clip(path, [0, 3, 5])
+    assert np.array_equal(video.decode_clip(path, [0, 3, 5], size=32), plain)
+    assert np.array_equal(video.decode_clip(path, [0, 3, 5], size=(32, 48)), plain)
+    assert video.decode_clip(path, [0], size=16).shape == (1, 16, 24, 3)
