@@ -6,7 +6,7 @@ Liu et al., arXiv 2308.14024; official code firework8/BRL (a PYSKL fork). Spec: 
     torchrun --nproc_per_node 4 train_brl.py --config configs/brl/ntu60_xsub_lt_j.yaml
     python train_brl.py ensemble --scores runs/j/last_pred.pkl runs/b/last_pred.pkl --ensemble-weights 1 1 \
         --labels runs/j/test_labels.npy
-    python train_brl.py demo --output-dir runs/brl_demo                      # offline synthetic demo
+    python train_brl.py demo --output-dir runs/brl_demo                      # offline synthetic demo (ce, aa, brl)
 
 Reading order: constants (graphs, bones) -> PYSKL loading + long-tailed list -> skeleton pipeline ->
 ST-GCN++ -> rebalanced mixup + action-aware weights -> train/eval loops -> main() -> ensemble, demo.
@@ -58,7 +58,7 @@ DATASETS = {  # --dataset -> (layout, num classes, n_max of the LT formula per s
     "ntu60": ("nturgb+d", 60, {"xsub": 600, "xview": 600}),
     "ntu120": ("nturgb+d", 120, {"xsub": 600, "xset": 400}),
     "k400": ("coco", 400, {}),
-    "synthetic": ("nturgb+d", 12, {"synth": 300}),
+    "synthetic": ("nturgb+d", 60, {"synth": 200}),
 }
 STREAMS = ("j", "b", "k", "jm", "bm", "km")
 ENSEMBLE_WEIGHTS = {2: [1, 1], 4: [2, 2, 1, 1], 6: [2, 2, 2, 1, 1, 1]}  # j,b | j,b,jm,bm | j,b,k,jm,bm,km
@@ -118,26 +118,28 @@ def build_graph(layout="nturgb+d", mode="spatial"):
 # ----------------------------------------------------------------------------------------------
 # PYSKL pickles and long-tailed lists (spec §2.2-§2.4)
 
-class DataFormatError(ValueError):
-    pass
+class DataFormatError(config_lib.InputError):
+    """A PYSKL pickle, LT list or score file is malformed (one line naming the file and entry)."""
 
 
-def load_pyskl(path, num_classes=None):
-    """Read and validate a PYSKL pickle: {'split': {name: [frame_dir]}, 'annotations': [dict]}."""
+def load_pyskl(path, num_classes=None, *, layout=None, strict=False, trust=False):
+    """Read and validate a PYSKL pickle: {'split': {name: [frame_dir]}, 'annotations': [dict]}.
+
+    `layout` (a LAYOUTS key) fixes the expected V and C: a keypoint of another shape is an error naming
+    the file, the frame_dir and expected vs found, before any training step. An annotation with
+    non-finite keypoints (NaN/inf) is dropped and recorded in data['skipped_nonfinite'] (frame_dir ->
+    label), or an error with `strict`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: PYSKL annotation pickle not found")
-    with open(path, "rb") as f:
-        try:
-            data = pickle.load(f)
-        except Exception as e:  # noqa: BLE001
-            raise DataFormatError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from e
+        raise DataFormatError(f"{path}: PYSKL annotation pickle not found")
+    data = ckpt_lib.safe_pickle_load(path, what="PYSKL annotation pickle", trust=trust)  # never runs code
     if not isinstance(data, dict) or "split" not in data or "annotations" not in data:
         got = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise DataFormatError(f"{path}: expected a dict with keys 'split' and 'annotations', got {got}")
     if not isinstance(data["split"], dict) or not isinstance(data["annotations"], list):
         raise DataFormatError(f"{path}: 'split' must be dict[str, list[str]] and 'annotations' a list of dicts")
-    seen = set()
+    want_v, want_c = (LAYOUTS[layout][0], 2 if layout == "coco" else 3) if layout else (None, None)
+    seen, keep, skipped = set(), [], {}
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}: annotations[{i}]"
         if not isinstance(ann, dict):
@@ -157,6 +159,10 @@ def load_pyskl(path, num_classes=None):
             raise DataFormatError(f"{where}: 'keypoint' must be an array of rank 4 (M, T, V, C), got shape {shape}")
         if kp.shape[0] < 1 or kp.shape[1] < 1:
             raise DataFormatError(f"{where}: 'keypoint' shape {kp.shape} has no person or no frame")
+        if want_v is not None and (kp.shape[2] != want_v or kp.shape[3] != want_c):
+            raise DataFormatError(f"{where}: 'keypoint' shape {tuple(kp.shape)}: expected (M, T, {want_v}, {want_c}) "
+                                  f"for the {layout!r} layout (V = {want_v} joints, C = {want_c}), found "
+                                  f"V = {kp.shape[2]}, C = {kp.shape[3]}")
         if kp.shape[-1] not in (2, 3) or kp.shape[2] not in (17, 25):
             raise DataFormatError(f"{where}: 'keypoint' shape {kp.shape}: expected V in (17, 25) and C in (2, 3)")
         if "total_frames" in ann and int(ann["total_frames"]) != kp.shape[1]:
@@ -167,9 +173,19 @@ def load_pyskl(path, num_classes=None):
         if ann["frame_dir"] in seen:
             raise DataFormatError(f"{where}: duplicate frame_dir")
         seen.add(ann["frame_dir"])
+        score = ann.get("keypoint_score")
+        bad = int((~np.isfinite(kp)).any(-1).sum()) + (int((~np.isfinite(score)).sum()) if score is not None else 0)
+        if bad:
+            if strict:
+                raise DataFormatError(f"{where}: {bad} joint(s) with non-finite keypoints (NaN/inf); fix the file, "
+                                      "or run without --strict to skip such clips")
+            skipped[ann["frame_dir"]] = int(label)
+            continue
+        keep.append(ann)
     for name, items in data["split"].items():
         if not isinstance(items, (list, tuple)):
             raise DataFormatError(f"{path}: split[{name!r}] must be a list of frame_dir strings")
+    data["annotations"], data["skipped_nonfinite"] = keep, skipped
     return data
 
 
@@ -206,7 +222,7 @@ def read_lt_list(path, known=None):
     """One frame_dir per line, no label; `known` = set of valid frame_dirs (error names unknowns)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: long-tailed list not found (use --lt-list gen to build it from the formula)")
+        raise DataFormatError(f"{path}: long-tailed list not found (use --lt-list gen to build it from the formula)")
     names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     if known is not None:
         unknown = [n for n in names if n not in known]
@@ -354,27 +370,33 @@ def uniform_sample_train(T, clip_len, rng):
     return bids[:-1] + rng.integers(np.diff(bids))
 
 
-def uniform_sample_test(T, clip_len, num_clips, rs):
-    """Test/val sampling with PYSKL's legacy RNG re-seeded to 255 per video (`rs` = RandomState(255))."""
+def uniform_sample_test(T, clip_len, num_clips, seed=255):
+    """PYSKL's UniformSample in test mode, draw for draw: the legacy NumPy RNG seeded with `seed` once
+    per video; before every clip PYSKL draws rand() (the p_interval ratio, fixed at 1) and
+    randint(T - T + 1) (the offset, 0), then the clip's own choice/randint."""
+    rs = np.random.RandomState(seed)
     inds = []
     for i in range(num_clips):
-        if T < clip_len:
-            start = i if T < num_clips else i * T // num_clips
-            inds.append(np.arange(start, start + clip_len))
-        elif T < 2 * clip_len:
+        n = int((rs.rand() * 0 + 1) * T)  # p_interval = (1, 1): ratio 1, but the draw advances the RNG
+        off = rs.randint(T - n + 1)
+        if n < clip_len:
+            start = i if n < num_clips else i * n // num_clips
+            idx = np.arange(start, start + clip_len)
+        elif n < 2 * clip_len:
             offset = np.zeros(clip_len + 1, dtype=np.int64)
-            offset[rs.choice(clip_len + 1, T - clip_len, replace=False)] = 1
-            inds.append(np.arange(clip_len) + np.cumsum(offset)[:-1])
+            offset[rs.choice(clip_len + 1, n - clip_len, replace=False)] = 1
+            idx = np.arange(clip_len) + np.cumsum(offset)[:-1]
         else:
-            bids = np.array([i * T // clip_len for i in range(clip_len + 1)])
-            inds.append(bids[:-1] + rs.randint(np.diff(bids)))
+            bids = np.array([j * n // clip_len for j in range(clip_len + 1)])
+            idx = bids[:-1] + rs.randint(np.diff(bids))
+        inds.append(idx + off)
     return np.stack(inds)
 
 
 def skeleton_pipeline(kp, *, feat, layout, train, rng, clip_len=64, num_clips=1, num_person=2, scale=0.1, rot=0.3,
                       flip_p=0.5, temporal_flip_p=0.0, score=None, img_shape=None):
     """(M, T, V, C) float16/32 keypoints -> (num_clips, num_person, clip_len, V, C') float32, spec order.
-    `rng` is a numpy Generator (train) or RandomState(255) (val/test)."""
+    `rng` is a numpy Generator (train); val/test sampling seeds its own RNG as PYSKL does (255 per video)."""
     x = kp.astype(np.float32)
     if layout == "coco":
         if img_shape is not None:
@@ -396,7 +418,7 @@ def skeleton_pipeline(kp, *, feat, layout, train, rng, clip_len=64, num_clips=1,
     if train:
         idx = np.stack([uniform_sample_train(T, clip_len, rng) for _ in range(num_clips)])
     else:
-        idx = uniform_sample_test(T, clip_len, num_clips, rng)
+        idx = uniform_sample_test(T, clip_len, num_clips)
     x = x[:, np.mod(idx, T).reshape(-1)]  # (M, nc*L, V, C)
     M = x.shape[0]
     if M < num_person:
@@ -427,7 +449,7 @@ class SkeletonDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         ann = self.items[index % len(self.items)]
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else np.random.RandomState(255)
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
         x = skeleton_pipeline(ann["keypoint"], rng=rng, score=ann.get("keypoint_score"),
                               img_shape=ann.get("img_shape"), **self.kw)
         return torch.from_numpy(x), int(ann["label"]), index
@@ -644,7 +666,7 @@ def train_one_epoch(model, loader, optimizer, epoch, args, counts, env, it0, tot
     gen = torch.Generator().manual_seed(args.seed * 1000003 + epoch * 7919 + env.rank)  # mixup draws, per rank
     upper = LAYOUTS[args.layout][3]
     it, sum_loss, sum_acc, n = it0, 0.0, 0.0, 0
-    for x, y, _ in progress(loader, desc=f"epoch {epoch}"):
+    for x, y, index in progress(loader, desc=f"epoch {epoch}"):
         x, y = x.to(env.device, non_blocking=True)[:, 0], y.to(env.device)  # single train clip
         if args.no_mix:
             a, b, lam = y, y, torch.ones(len(y), device=env.device)
@@ -657,7 +679,10 @@ def train_one_epoch(model, loader, optimizer, epoch, args, counts, env, it0, tot
             logits = model(x)
         loss = mixup_loss(logits.float(), a, b, lam, weights, scalar_lambda=args.official_quirks)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} iteration {it}")
+            items = loader.dataset.items  # inputs are finite (checked at load): the optimisation diverged
+            names = [items[i % len(items)]["frame_dir"] for i in index.tolist()]
+            raise FloatingPointError(f"non-finite loss {loss.item()} at epoch {epoch} iteration {it} (lr "
+                                     f"{optimizer.param_groups[0]['lr']:g}); batch frame_dirs {names}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -708,9 +733,10 @@ def evaluate_scores(prob, labels, counts):
     for name, cls in shot_groups(counts).items():
         vals = per_class[cls][~np.isnan(per_class[cls])] if len(cls) else np.array([])
         out[name] = float(vals.mean()) if len(vals) else float("nan")
-    tail = np.arange(C - C // 3, C)  # last third of the classes (the LT order puts the tail last)
-    vals = per_class[tail][~np.isnan(per_class[tail])]
-    out["tail"] = float(vals.mean()) if len(vals) else float("nan")
+    third = C // 3  # thirds of the classes in LT order (head first, tail last)
+    for name, cls in (("head", np.arange(third)), ("mid", np.arange(third, C - third)), ("tail", np.arange(C - third, C))):
+        vals = per_class[cls][~np.isnan(per_class[cls])]
+        out[name] = float(vals.mean()) if len(vals) else float("nan")
     out["per_class"] = [None if np.isnan(v) else float(v) for v in per_class]
     return out
 
@@ -722,8 +748,7 @@ def save_preds(path, prob):
 
 
 def load_preds(path):
-    with open(path, "rb") as f:
-        preds = pickle.load(f)
+    preds = ckpt_lib.safe_pickle_load(path, what="score file")
     arr = np.stack([np.asarray(p, dtype=np.float32) for p in preds]) if isinstance(preds, list) else np.asarray(preds)
     if arr.ndim != 2:
         raise DataFormatError(f"{path}: expected a list of (C,) score vectors, got an array of shape {arr.shape}")
@@ -734,44 +759,50 @@ def load_preds(path):
 # Data setup
 
 def setup_data(args, env):
-    """Returns (annotations, train_names, val_names, test_names, counts, num_classes)."""
+    """Returns (annotations, train_names, val_names, test_names, counts, num_classes, skipped frame_dirs)."""
     layout, num_classes, n_max_by_split = DATASETS[args.dataset]
     args.layout = layout
     if args.synthetic:
         from common.data import brl_synth
+        num_classes = args.num_classes or brl_synth.NUM_CLASSES
         ann_path = (Path(args.synth_dir or Path(args.output_dir) / "synthetic") /
-                    f"brl_synth_s{args.synth_seed}_n{args.synth_n_max}_if{args.imb_factor:g}.pkl")
+                    f"brl_synth_s{args.synth_seed}_c{num_classes}_n{args.synth_n_max}_if{args.imb_factor:g}"
+                    f"_v{args.val_per_class}_t{args.synth_test_per_class}.pkl")
         if env.is_main and not ann_path.is_file():
-            data, _ = brl_synth.build_dataset(num_classes=args.num_classes or 12, n_max=args.synth_n_max,
+            data, _ = brl_synth.build_dataset(num_classes=num_classes, n_max=args.synth_n_max,
                                               imb_factor=args.imb_factor,
                                               val_per_class=args.val_per_class, test_per_class=args.synth_test_per_class,
                                               seed=args.synth_seed)
             ann_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(ann_path, "wb") as f:
+            tmp = ann_path.with_name(ann_path.name + f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
                 pickle.dump(data, f)
+            os.replace(tmp, ann_path)  # demo runs in parallel processes share the cache
         dist_lib.barrier()
         args.ann_file, args.split, args.dataset = str(ann_path), "synth", "synthetic"
-        num_classes = args.num_classes or 12
         n_max_by_split = {"synth": args.synth_n_max}
     if not args.ann_file:
-        raise SystemExit("--ann-file is required (a PYSKL pickle), or pass --synthetic for the offline demo data")
+        raise config_lib.InputError("--ann-file is required (a PYSKL pickle), or pass --synthetic for the offline demo data")
     num_classes = args.num_classes or num_classes
-    data = load_pyskl(args.ann_file, num_classes)
-    annotations = data["annotations"]
+    data = load_pyskl(args.ann_file, num_classes, layout=layout, strict=args.strict, trust=args.trust_checkpoint)
+    annotations, skipped = data["annotations"], data["skipped_nonfinite"]
     train_all = split_names(data, f"{args.split}_train", args.ann_file)
     test_names = split_names(data, f"{args.split}_val", args.ann_file)
-    known = {a["frame_dir"] for a in annotations}
+    label_of = {a["frame_dir"]: a["label"] for a in annotations}
     for name in train_all + test_names:
-        if name not in known:
+        if name not in label_of and name not in skipped:
             raise DataFormatError(f"{args.ann_file}: split lists frame_dir {name!r} that has no annotation")
     n_max = n_max_by_split.get(args.split, 600)
     if args.lt_list == "none":
         train_names = list(train_all)
-    elif args.lt_list == "gen":
-        train_names = make_lt_list(annotations, train_all, num_classes, n_max, args.imb_factor)
+    elif args.lt_list == "gen":  # on the full split, skipped clips included, as the shipped lists were built
+        everything = annotations + [{"frame_dir": n, "label": c} for n, c in skipped.items()]
+        train_names = make_lt_list(everything, train_all, num_classes, n_max, args.imb_factor)
     else:
         train_names = read_lt_list(args.lt_list, known=set(train_all))
-    label_of = {a["frame_dir"]: a["label"] for a in annotations}
+    train_names = [n for n in train_names if n not in skipped]
+    test_names = [n for n in test_names if n not in skipped]
+    train_all = [n for n in train_all if n not in skipped]
     counts = np.bincount([label_of[n] for n in train_names], minlength=num_classes).astype(np.int64)
     if args.official_quirks:  # counts from the IF-100 formula keyed on the split name, whatever list is loaded
         split_key = f"{args.split}_train"
@@ -783,7 +814,7 @@ def setup_data(args, env):
         val_names = balanced_holdout(annotations, train_all, train_names, num_classes, args.val_per_class)
     else:  # official: the "val" split is the test split
         val_names = list(test_names)
-    return annotations, train_names, val_names, test_names, counts, num_classes
+    return annotations, train_names, val_names, test_names, counts, num_classes, sorted(skipped)
 
 
 def make_dataset(args, annotations, names, train, num_clips):
@@ -824,8 +855,8 @@ def build_parser():
                    help="validation (best.pth) on a balanced hold-out of {split}_train minus the LT list, or "
                         "'test' = the official behaviour (selects on the test split)")
     g.add_argument("--val-per-class", type=int, default=20)
-    g.add_argument("--synth-test-per-class", type=int, default=100, help="balanced synthetic test clips per class")
-    g.add_argument("--synth-n-max", type=int, default=300, help="head-class count of the synthetic LT train set")
+    g.add_argument("--synth-test-per-class", type=int, default=30, help="balanced synthetic test clips per class")
+    g.add_argument("--synth-n-max", type=int, default=200, help="head-class count of the synthetic LT train set")
     g.add_argument("--synth-seed", type=int, default=0, help="seed of the synthetic data set (--synthetic)")
     g.add_argument("--synth-dir", default="", help="where the synthetic pickle is cached (default <output-dir>/synthetic)")
     g = p.add_argument_group("model")
@@ -859,7 +890,9 @@ def build_parser():
     g.add_argument("--val-clips", type=int, default=1)
     g.add_argument("--test-clips", type=int, default=10)
     g.add_argument("--val-interval", type=int, default=1)
-    g.add_argument("--checkpoint", default="", help="with --eval-only: checkpoint to test (default <output-dir>/best.pth)")
+    g.add_argument("--checkpoint", default="",
+                   help="with --eval-only: checkpoint to test (default <output-dir>/best.pth); metrics go to "
+                        "<output-dir>/eval_results.json")
     return p
 
 
@@ -871,10 +904,21 @@ def resolve_args(args, env):
         ops.set_backend("ext")
     if args.lr is None:
         args.lr = 0.0125 * args.batch_size * env.world_size / 16
-    if args.batch_size < 16 and not args.no_mix and env.is_main:
-        warnings.warn(f"per-process batch {args.batch_size} < 16: floor({args.mix_ratio:.4f} * B) = "
-                      f"{int(args.mix_ratio * args.batch_size)} samples are mixed per batch")
     return args
+
+
+def mixup_status(args, env):
+    """How many samples the rebalanced mixup replaces per batch on this rank: floor(ratio * B) with the
+    per-rank batch B, so 0 (mixup silently off in the official code) when B < 16 at ratio 1/16."""
+    per_batch = 0 if args.no_mix else int(math.floor(args.mix_ratio * args.batch_size))
+    status = {"enabled": not args.no_mix, "per_rank_batch": args.batch_size, "mixed_per_batch": per_batch,
+              "active": per_batch > 0}
+    if not args.no_mix and per_batch == 0:
+        need = int(math.ceil(1 / args.mix_ratio)) if args.mix_ratio > 0 else None
+        print(f"[rank {env.rank}] WARNING: mixup is OFF: per-rank batch {args.batch_size} gives floor("
+              f"{args.mix_ratio:g} x {args.batch_size}) = 0 mixed samples per batch"
+              + (f"; a per-rank --batch-size of at least {need} is needed" if need else ""), flush=True)
+    return status
 
 
 # ----------------------------------------------------------------------------------------------
@@ -895,12 +939,17 @@ def run(args):
     args = resolve_args(args, env)
     dist_lib.seed_everything(args.seed + env.rank)
     out = Path(args.output_dir)
-    annotations, train_names, val_names, test_names, counts, C = setup_data(args, env)
+    annotations, train_names, val_names, test_names, counts, C, skipped = setup_data(args, env)
+    mixup = mixup_status(args, env)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         config_lib.save_config(args, out)
         write_lt_list(out / "lt_list.txt", train_names)  # the long-tailed list this run trained on
     logger = JsonlLogger(out / "log.jsonl")
+    if skipped and env.is_main:
+        print(f"skipped {len(skipped)} clip(s) with non-finite keypoints (NaN/inf) in {args.ann_file}: "
+              + ", ".join(skipped[:10]) + (f" ... (+{len(skipped) - 10} more)" if len(skipped) > 10 else ""), flush=True)
+        logger.log({"phase": "data", "skipped_nonfinite": len(skipped), "frame_dirs": skipped})
 
     train_set = make_dataset(args, annotations, train_names, True, 1)
     val_set = make_dataset(args, annotations, val_names, False, args.val_clips)
@@ -911,8 +960,11 @@ def run(args):
 
     torch.manual_seed(args.seed)  # identical init on every rank
     model = build_model(args, C).to(env.device)
-    if args.weights:
-        ckpt_lib.load_weights(args.weights, model, strict=False)
+    if args.weights:  # optional: ST-GCN++ trains from scratch in the paper
+        missing, unexpected = ckpt_lib.load_weights(args.weights, model, strict=not args.allow_partial_weights,
+                                                    trust=args.trust_checkpoint)
+        if (missing or unexpected) and env.is_main:
+            print(f"--weights {args.weights} (--allow-partial-weights): missing {missing}, unexpected {unexpected}")
     ddp = model
     if env.distributed:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
@@ -923,7 +975,8 @@ def run(args):
     start_epoch, it, best, best_epoch = 0, 0, -1.0, -1
     resume = ckpt_lib.resolve_resume(args.resume, out) if not args.eval_only else None
     if resume is not None:
-        state = ckpt_lib.load_checkpoint(resume, model=model, optimizer=optimizer, map_location=env.device)
+        state = ckpt_lib.load_checkpoint(resume, model=model, optimizer=optimizer, map_location=env.device,
+                                         trust=args.trust_checkpoint)
         start_epoch, it = state["epoch"], state["step"]
         best = state["best_metric"] if state["best_metric"] is not None else -1.0
         if env.is_main:
@@ -943,6 +996,7 @@ def run(args):
             record = {"phase": "train", "epoch": epoch, "loss": loss, "train_acc": acc, "lr": optimizer.param_groups[0]["lr"],
                       "time": time.time() - t0}
             is_best = False
+            dist_lib.broadcast_buffers(model)  # rank 0's BN statistics everywhere: what is evaluated is what is saved
             if len(val_set) and ((epoch + 1) % args.val_interval == 0 or epoch + 1 == args.epochs):
                 prob = predict(model, val_loader, env, C, desc="val")
                 top = metrics_lib.topk_accuracy(prob, torch.as_tensor(val_set.labels), ks=(1, 5))
@@ -967,10 +1021,11 @@ def run(args):
                 return {}
 
     results = {}
+    dist_lib.broadcast_buffers(model)
     if args.eval_only:
         targets = [("eval", Path(args.checkpoint) if args.checkpoint else out / "best.pth")]
     else:
-        targets = [("last", None), ("best", out / "best.pth")]
+        targets = [("last", None)] + ([("best", out / "best.pth")] if (out / "best.pth").is_file() else [])
     for tag, path in targets:
         if tag == "best" and best_epoch == args.epochs and "last" in results:  # best.pth is the last epoch
             results[tag] = results["last"]
@@ -978,7 +1033,8 @@ def run(args):
                 save_preds(out / "best_pred.pkl", prob)
             continue
         if path is not None:
-            ckpt_lib.load_checkpoint(path, model=model, map_location=env.device, restore_rng=False)
+            ckpt_lib.load_checkpoint(path, model=model, map_location=env.device, restore_rng=False,
+                                     trust=args.trust_checkpoint)
         prob = predict(model, test_loader, env, C, desc=f"test {tag}")
         res = evaluate_scores(prob, test_set.labels, counts)
         results[tag] = res
@@ -994,7 +1050,9 @@ def run(args):
             print(f"test {tag}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items() if k != "per_class"))
     if env.is_main:
         results["counts"] = counts.tolist()
-        write_json(out / "results.json", results)
+        results["mixup"] = mixup
+        results["skipped_nonfinite"] = {"count": len(skipped), "frame_dirs": skipped}
+        write_json(out / ("eval_results.json" if args.eval_only else "results.json"), results)
         if (out / "log.jsonl").is_file():
             from common.logging import read_jsonl
             recs = [r for r in read_jsonl(out / "log.jsonl") if r.get("phase") == "train"]
@@ -1056,44 +1114,77 @@ DEMO_METHODS = {  # method -> flags
     "aa": ["--loss", "aa", "--no-mix"],
     "mixup": ["--loss", "ce"],
     "brl": ["--loss", "aa"],
+    # learnability check: the CE arm on a balanced version of the data with the same number of clips
+    "balanced": ["--loss", "ce", "--no-mix", "--imb-factor", "1", "--synth-n-max", "44"],
 }
-DEMO_FLAGS = ["--synthetic", "--lt-list", "gen", "--imb-factor", "100", "--clip-len", "16", "--num-person", "1", "--repeat", "1",
-              "--epochs", "12", "--drw-epoch", "9", "--batch-size", "16", "--lr", "0.05", "--workers", "0",
-              "--base-channels", "16", "--num-stages", "3", "--inflate-stages", "3", "--down-stages", "3",
-              "--test-clips", "1", "--val-clips", "1", "--val-per-class", "20", "--val-interval", "12", "--resume", "",
-              "--device", "cpu",
-              "--log-interval", "1000000"]
+DEMO_FLAGS = ["--synthetic", "--lt-list", "gen", "--imb-factor", "100", "--synth-n-max", "200",
+              "--synth-test-per-class", "30", "--val-per-class", "10", "--clip-len", "16", "--num-person", "1",
+              "--repeat", "1", "--epochs", "8", "--drw-epoch", "4", "--batch-size", "16", "--lr", "0.05",
+              "--workers", "0", "--base-channels", "16", "--num-stages", "3", "--inflate-stages", "3",
+              "--down-stages", "3", "--test-clips", "1", "--val-clips", "1", "--val-interval", "1000",
+              "--resume", "", "--device", "cpu", "--log-interval", "1000000"]
+DEMO_METRICS = ["top1", "many", "medium", "few", "tail", "head", "mid", "mean_class"]
+
+
+def demo_args(method, seed, out, extra=()):
+    argv = DEMO_FLAGS + DEMO_METHODS[method] + ["--seed", str(seed), "--synth-seed", str(seed),
+                                               "--synth-dir", str(Path(out) / "data"),
+                                               "--output-dir", str(Path(out) / f"{method}_s{seed}"), *extra]
+    return config_lib.parse_args(build_parser(), argv)
+
+
+def _demo_run(job):
+    """One arm, single-threaded (also the body of a --jobs worker process)."""
+    method, seed, out, extra = job
+    torch.set_num_threads(1)
+    os.environ["TQDM_DISABLE"] = "1"
+    t0, c0 = time.time(), time.process_time()
+    r = run(demo_args(method, seed, out, extra))["last"]
+    row = {"method": method, "seed": seed, **{k: r[k] for k in DEMO_METRICS}}
+    row.update(wall_s=round(time.time() - t0, 1), cpu_s=round(time.process_time() - c0, 1))
+    print(f"[demo] {method} seed {seed}: top1 {r['top1']:.4f} tail {r['tail']:.4f} "
+          f"({row['cpu_s']} s CPU, {row['wall_s']} s wall)", flush=True)
+    return row
 
 
 def demo_main(argv):
     p = argparse.ArgumentParser(prog="train_brl.py demo", description="offline synthetic long-tailed demo",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--output-dir", default="runs/brl_demo")
-    p.add_argument("--methods", nargs="+", default=["ce", "brl"], choices=sorted(DEMO_METHODS))
+    p.add_argument("--methods", nargs="+", default=["ce", "aa", "brl"], choices=list(DEMO_METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=2, help="arms run in parallel single-threaded processes")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every run")
     args = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    os.environ.setdefault("TQDM_DISABLE", "1")
     out = Path(args.output_dir)
-    rows, t_start, c_start = [], time.time(), time.process_time()
-    for seed in args.seeds:
-        for method in args.methods:
-            run_dir = out / f"{method}_s{seed}"
-            t0, c0 = time.time(), time.process_time()
-            argv_run = DEMO_FLAGS + DEMO_METHODS[method] + ["--seed", str(seed), "--synth-seed", str(seed),
-                                                            "--synth-dir", str(out / "data"), "--output-dir", str(run_dir)]
-            res = run(config_lib.parse_args(build_parser(), argv_run + args.extra))
-            r = res["last"]
-            rows.append({"method": method, "seed": seed, "top1": r["top1"], "many": r["many"], "medium": r["medium"],
-                         "few": r["few"], "tail": r["tail"], "mean_class": r["mean_class"],
-                         "wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)})
-            write_summary(out / "summary.json", rows)
-            print(f"[demo] {method} seed {seed}: top1 {r['top1']:.4f} tail {r['tail']:.4f} ({rows[-1]['wall_s']} s)")
+    t_start = time.time()
+    for seed in args.seeds:  # build each data set once, before the arms share it
+        for method in dict.fromkeys("balanced" if m == "balanced" else "ce" for m in args.methods):
+            a = demo_args(method, seed, out, args.extra)
+            setup_data(a, dist_lib.DistEnv())
+    jobs = [(m, s, str(out), list(args.extra)) for s in args.seeds for m in args.methods]
+    if args.jobs <= 1:
+        rows = [_demo_run(j) for j in jobs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(_demo_run, jobs))
+    summary = {"rows": rows, "command": "python train_brl.py demo " + " ".join(argv),
+               "flags": DEMO_FLAGS, "method_flags": {m: DEMO_METHODS[m] for m in args.methods},
+               "jobs": args.jobs, "total_wall_s": round(time.time() - t_start, 1),
+               "versions": {"torch": torch.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}}
+    write_json(out / "summary.json", summary)
     print(summary_table(rows, ["top1", "many", "medium", "few", "tail"]))
-    print(f"[demo] total wall {time.time() - t_start:.0f} s, process CPU {time.process_time() - c_start:.0f} s")
+    base = {r["seed"]: r for r in rows if r["method"] == "ce"}
+    for r in rows:
+        if r["method"] != "ce" and r["seed"] in base:
+            print(f"[demo] {r['method']} seed {r['seed']} vs ce: tail {100 * (r['tail'] - base[r['seed']]['tail']):+.1f}, "
+                  f"top-1 {100 * (r['top1'] - base[r['seed']]['top1']):+.1f} points")
+    print(f"[demo] total wall {summary['total_wall_s']:.0f} s with {args.jobs} job(s); "
+          f"sum of per-arm CPU {sum(r['cpu_s'] for r in rows):.0f} s")
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    config_lib.run_main(main)

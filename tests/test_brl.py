@@ -156,8 +156,40 @@ def test_bad_input_errors_name_the_entry(tmp_path):
         brl.read_lt_list(lt, known=set(names))
     with pytest.raises(brl.DataFormatError, match="split 'xview_train' not found"):
         brl.split_names(good, "xview_train", "ann.pkl")
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(brl.DataFormatError, match="missing.pkl: PYSKL annotation pickle not found"):
         brl.load_pyskl(tmp_path / "missing.pkl")
+    assert issubclass(brl.DataFormatError, brl.config_lib.InputError)  # run_main prints it as one line
+
+
+def test_nonfinite_keypoints_skipped_or_strict(tmp_path):
+    anns, names = _fake_annotations(3, 2)
+    anns[1]["keypoint"] = anns[1]["keypoint"].copy()
+    anns[1]["keypoint"][0, 3, 7, 1] = np.nan
+    anns[4]["keypoint"] = np.full_like(anns[4]["keypoint"], np.inf)
+    path = _write(tmp_path, {"split": {"xsub_train": names[:4], "xsub_val": names[4:]}, "annotations": anns})
+    data = brl.load_pyskl(path, 3, layout="nturgb+d")
+    assert data["skipped_nonfinite"] == {names[1]: 0, names[4]: 2}
+    assert [a["frame_dir"] for a in data["annotations"]] == [n for i, n in enumerate(names) if i not in (1, 4)]
+    with pytest.raises(brl.DataFormatError, match=r"annotations\[1\] \(frame_dir='S001C001P001R001A001'\): 1 joint"
+                                                 r".*non-finite.*--strict"):
+        brl.load_pyskl(path, 3, layout="nturgb+d", strict=True)
+
+
+def test_wrong_joint_count_or_channels_name_file_frame_dir_and_shapes(tmp_path):
+    anns, names = _fake_annotations(2, 2)
+    good = {"split": {"xsub_train": names[:2], "xsub_val": names[2:]}, "annotations": anns}
+    coco = [dict(a) for a in anns]
+    coco[2]["keypoint"] = np.zeros((1, 20, 17, 3), np.float16)  # COCO-17 keypoints in an NTU-25 file
+    path = _write(tmp_path, dict(good, annotations=coco))
+    with pytest.raises(brl.DataFormatError, match=r"ann.pkl: annotations\[2\] \(frame_dir='S001C001P000R001A002'\): "
+                                                 r"'keypoint' shape \(1, 20, 17, 3\): expected \(M, T, 25, 3\).*V = 17"):
+        brl.load_pyskl(path, 2, layout="nturgb+d")
+    two_d = [dict(a) for a in anns]
+    two_d[0]["keypoint"] = np.zeros((1, 20, 25, 2), np.float16)
+    with pytest.raises(brl.DataFormatError, match=r"annotations\[0\].*expected \(M, T, 25, 3\).*C = 2"):
+        brl.load_pyskl(_write(tmp_path, dict(good, annotations=two_d)), 2, layout="nturgb+d")
+    with pytest.raises(brl.DataFormatError, match=r"expected \(M, T, 17, 2\) for the 'coco' layout"):
+        brl.load_pyskl(_write(tmp_path, good), 2, layout="coco")
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -207,11 +239,59 @@ def test_uniform_sampling_rules(T):
         assert np.all(np.diff(idx) >= 1) and idx.min() >= 0 and idx.max() < T
     else:
         assert np.all(np.diff(idx) == 1)
-    t1 = brl.uniform_sample_test(T, 64, 10, np.random.RandomState(255))
-    t2 = brl.uniform_sample_test(T, 64, 10, np.random.RandomState(255))
-    assert t1.shape == (10, 64) and np.array_equal(t1, t2)
+    t1 = brl.uniform_sample_test(T, 64, 10)
+    assert t1.shape == (10, 64) and np.array_equal(t1, brl.uniform_sample_test(T, 64, 10))
     if T < 64:
         assert [r[0] for r in t1] == [i * T // 10 for i in range(10)]
+
+
+def _pyskl_test_clips(num_frames, clip_len, num_clips, seed=255, p_interval=(1, 1)):
+    """PYSKL UniformSampleFrames._get_test_clips + the np.mod of __call__, transcribed from
+    pyskl/datasets/pipelines/sampling.py (global NumPy RNG, seeded once per call)."""
+    np.random.seed(seed)
+    all_inds = []
+    for i in range(num_clips):
+        old_num_frames = num_frames
+        pi = p_interval
+        ratio = np.random.rand() * (pi[1] - pi[0]) + pi[0]
+        num_frames = int(ratio * num_frames)
+        off = np.random.randint(old_num_frames - num_frames + 1)
+        if num_frames < clip_len:
+            start_ind = i if num_frames < num_clips else i * num_frames // num_clips
+            inds = np.arange(start_ind, start_ind + clip_len)
+        elif clip_len <= num_frames < clip_len * 2:
+            basic = np.arange(clip_len)
+            inds = np.random.choice(clip_len + 1, num_frames - clip_len, replace=False)
+            offset = np.zeros(clip_len + 1, dtype=np.int64)
+            offset[inds] = 1
+            offset = np.cumsum(offset)
+            inds = basic + offset[:-1]
+        else:
+            bids = np.array([i * num_frames // clip_len for i in range(clip_len + 1)])
+            bsize = np.diff(bids)
+            bst = bids[:clip_len]
+            offset = np.random.randint(bsize)
+            inds = bst + offset
+        all_inds.append(inds + off)
+        num_frames = old_num_frames
+    return np.mod(np.concatenate(all_inds), num_frames)
+
+
+@pytest.mark.parametrize("T,clip_len,num_clips", [(5, 64, 10), (30, 64, 1), (30, 64, 10), (64, 64, 1), (64, 64, 10),
+                                                  (100, 64, 1), (100, 64, 10), (127, 64, 10), (128, 64, 10),
+                                                  (300, 64, 10), (16, 16, 10), (70, 16, 1)])
+def test_test_sampling_is_pyskl_exact(T, clip_len, num_clips):
+    ours = np.mod(brl.uniform_sample_test(T, clip_len, num_clips), T).reshape(-1)
+    assert np.array_equal(ours, _pyskl_test_clips(T, clip_len, num_clips))
+    # and what the pipeline takes: frame f of the output is frame idx[f] of the input
+    kp = np.zeros((1, T, 25, 3), np.float32)
+    kp[0, :, :, 0] = np.arange(T)[:, None] + 1.0  # x = frame number + 1 on every joint
+    kp[0, :, 1, :] = 0  # joint 1 at the origin: centring changes nothing
+    kp[0, :, 0] = [0, 0, -1]  # spine j1 - j0 on +z and shoulders j8 - j4 on +x at frame 0: no rotation
+    kp[0, :, 8], kp[0, :, 4] = [1, 0, 0], 0
+    x = brl.skeleton_pipeline(kp, feat="j", layout="nturgb+d", train=False, rng=None, clip_len=clip_len,
+                              num_clips=num_clips, num_person=1)
+    assert np.allclose(x[:, 0, :, 5, 0].reshape(-1), _pyskl_test_clips(T, clip_len, num_clips) + 1)
 
 
 @pytest.mark.parametrize("feat", brl.STREAMS)
@@ -221,11 +301,9 @@ def test_pipeline_shapes_per_stream(feat):
     tr = brl.skeleton_pipeline(kp, feat=feat, layout="nturgb+d", train=True, rng=np.random.default_rng(0))
     assert tr.shape == (1, 2, 64, 25, 3) and tr.dtype == np.float32
     assert np.all(tr[:, 1] == 0)  # padded second person
-    te = brl.skeleton_pipeline(kp, feat=feat, layout="nturgb+d", train=False, rng=np.random.RandomState(255),
-                               num_clips=10)
+    te = brl.skeleton_pipeline(kp, feat=feat, layout="nturgb+d", train=False, rng=None, num_clips=10)
     assert te.shape == (10, 2, 64, 25, 3)
-    te2 = brl.skeleton_pipeline(kp, feat=feat, layout="nturgb+d", train=False, rng=np.random.RandomState(255),
-                                num_clips=10)
+    te2 = brl.skeleton_pipeline(kp, feat=feat, layout="nturgb+d", train=False, rng=None, num_clips=10)
     assert np.array_equal(te, te2)
 
 
@@ -236,7 +314,7 @@ def test_coco_2d_pipeline_shapes():
     for feat in ("j", "b", "jm", "bm"):
         x = brl.skeleton_pipeline(kp, feat=feat, layout="coco", train=True, rng=rng, score=score, img_shape=(100, 100))
         assert x.shape == (1, 2, 64, 17, 3)
-    j = brl.skeleton_pipeline(kp, feat="j", layout="coco", train=False, rng=np.random.RandomState(255), score=score,
+    j = brl.skeleton_pipeline(kp, feat="j", layout="coco", train=False, rng=None, score=score,
                               img_shape=(100, 100))
     assert np.abs(j[..., :2]).max() <= 1.0 + 1e-3  # centred and scaled by the image size
 
@@ -365,7 +443,7 @@ TINY = ["--synthetic", "--lt-list", "gen", "--imb-factor", "10", "--synth-n-max"
 def test_short_run_loss_drops_and_outputs(tmp_path, monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
     out = tmp_path / "run"
-    args = brl.config_lib.parse_args(brl.build_parser(), TINY + ["--epochs", "4", "--lr", "0.2", "--loss", "ce", "--no-mix",
+    args = brl.config_lib.parse_args(brl.build_parser(), TINY + ["--epochs", "4", "--lr", "0.5", "--loss", "ce", "--no-mix",
                                                                  "--output-dir", str(out), "--gcn-impl", "auto"])
     res = brl.run(args)
     recs = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
@@ -392,8 +470,8 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     brl.run(parse(["--resume", "", "--output-dir", str(tmp_path / "full")]))
     assert brl.run(parse(["--resume", "", "--stop-after", "1", "--output-dir", str(tmp_path / "cut")])) == {}
     brl.run(parse(["--resume", "auto", "--output-dir", str(tmp_path / "cut")]))
-    a = torch.load(tmp_path / "full" / "checkpoint.pth", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pth", weights_only=False)
+    a = brl.ckpt_lib.read_checkpoint(tmp_path / "full" / "checkpoint.pth")
+    b = brl.ckpt_lib.read_checkpoint(tmp_path / "cut" / "checkpoint.pth")
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -405,15 +483,115 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_process_gloo_run(tmp_path):
+def test_two_process_run_saved_checkpoint_reevaluates_to_results(tmp_path):
+    """2 gloo processes, per-rank batch 8: mixup-off is reported by every rank and in results.json; rank 0's
+    BN statistics are broadcast before evaluating and saving, so --eval-only on the saved checkpoint gives
+    exactly results.json's 'last' (without the broadcast rank 1's half of the test set differs)."""
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), os.path.join(ROOT, "train_brl.py"), *TINY,
-           "--epochs", "1", "--output-dir", str(out)]
+           "--epochs", "1", "--batch-size", "8", "--output-dir", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout
+    for rank in (0, 1):
+        assert f"[rank {rank}] WARNING: mixup is OFF: per-rank batch 8 gives floor(0.0625 x 8) = 0" in proc.stdout
     r = json.loads((out / "results.json").read_text())
+    assert r["mixup"] == {"enabled": True, "per_rank_batch": 8, "mixed_per_batch": 0, "active": False}
     assert len(brl.load_preds(out / "last_pred.pkl")) == 18  # every test sample once, padding dropped
-    assert 0 <= r["last"]["top1"] <= 1
+    args = brl.config_lib.parse_args(brl.build_parser(), TINY + ["--output-dir", str(out), "--eval-only",
+                                                                 "--checkpoint", str(out / "checkpoint.pth")])
+    ev = brl.run(args)["eval"]
+    assert json.loads((out / "eval_results.json").read_text())["eval"]["per_class"] == ev["per_class"]
+    np.testing.assert_allclose(brl.load_preds(out / "eval_pred.pkl"), brl.load_preds(out / "last_pred.pkl"), rtol=0, atol=1e-6)
+    assert ev["top1"] == r["last"]["top1"] and ev["per_class"] == r["last"]["per_class"]
+
+
+def test_demo_arm_is_reproducible(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    extra = ["--num-classes", "6", "--synth-n-max", "30", "--imb-factor", "10", "--synth-test-per-class", "3",
+             "--val-per-class", "2", "--epochs", "2", "--drw-epoch", "1", "--num-stages", "1"]
+    runs = [brl.demo_main(["--output-dir", str(tmp_path / f"d{i}"), "--methods", "brl", "--seeds", "0", "--jobs", "1",
+                           "--extra", *extra]) for i in (0, 1)]
+
+    def metrics(rows):
+        return json.dumps([{k: v for k, v in r.items() if k not in ("wall_s", "cpu_s")} for r in rows], sort_keys=True)
+
+    assert metrics(runs[0]) == metrics(runs[1])
+    summary = json.loads((tmp_path / "d1" / "summary.json").read_text())
+    assert metrics(summary["rows"]) == metrics(runs[0]) and summary["rows"][0]["method"] == "brl"
+    assert summary["versions"]["torch"] == torch.__version__ and summary["versions"]["numpy"] == np.__version__
+
+
+def _small_pickle(tmp_path, mutate=None):
+    anns, names = _fake_annotations(3, 8, T=20)
+    if mutate:
+        mutate(anns)
+    train = [n for i, n in enumerate(names) if i % 8 < 5]
+    test = [n for i, n in enumerate(names) if i % 8 >= 5]
+    return _write(tmp_path, {"split": {"xsub_train": train, "xsub_val": test}, "annotations": anns}), names
+
+
+SMALL = ["--dataset", "ntu60", "--split", "xsub", "--lt-list", "none", "--num-classes", "3", "--val-source", "test",
+         "--clip-len", "8", "--batch-size", "16", "--workers", "0", "--base-channels", "8", "--num-stages", "1",
+         "--test-clips", "1", "--device", "cpu", "--resume", "", "--from-scratch"]
+
+
+def test_nonfinite_clips_are_skipped_and_reported_in_a_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+
+    def poison(anns):
+        anns[0]["keypoint"] = anns[0]["keypoint"].copy()
+        anns[0]["keypoint"][0, 2, 3] = np.nan  # a training clip
+        anns[7]["keypoint"] = np.full_like(anns[7]["keypoint"], np.nan)  # an all-NaN test clip
+    path, names = _small_pickle(tmp_path, poison)
+    out = tmp_path / "run"
+    res = brl.main(["--ann-file", str(path), *SMALL, "--epochs", "1", "--output-dir", str(out)])
+    assert f"skipped 2 clip(s) with non-finite keypoints (NaN/inf) in {path}: {names[0]}, {names[7]}" in capsys.readouterr().out
+    r = json.loads((out / "results.json").read_text())
+    assert r["skipped_nonfinite"] == {"count": 2, "frame_dirs": sorted([names[0], names[7]])}
+    assert np.isfinite(res["last"]["top1"]) and len(brl.load_preds(out / "last_pred.pkl")) == 8  # 9 test clips - 1
+    assert sum(r["counts"]) == 14  # 15 training clips - 1
+    with pytest.raises(SystemExit) as e:
+        brl.config_lib.run_main(brl.main, ["--ann-file", str(path), *SMALL, "--epochs", "1", "--strict",
+                                           "--output-dir", str(tmp_path / "strict")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and names[0] in err[0] and "non-finite" in err[0]
+    assert not (tmp_path / "strict" / "checkpoint.pth").exists()
+
+
+def test_coco_keypoints_on_an_ntu_config_fail_before_training(tmp_path, capsys):
+    def coco(anns):
+        for a in anns[3:]:
+            a["keypoint"] = np.zeros((1, 20, 17, 3), np.float16)
+    path, names = _small_pickle(tmp_path, coco)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        brl.config_lib.run_main(brl.main, ["--ann-file", str(path), *SMALL, "--epochs", "1", "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert str(path) in err[0] and names[3] in err[0] and "expected (M, T, 25, 3)" in err[0] and "V = 17" in err[0]
+    assert not (out / "checkpoint.pth").exists()
+
+
+def test_weights_with_missing_keys_are_an_error_unless_allowed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    path, _ = _small_pickle(tmp_path)
+    weights = tmp_path / "w.pth"
+    torch.save(brl.STGCNPP(3, brl.build_graph(), base_channels=8, num_stages=1).state_dict(), weights)
+    argv = ["--ann-file", str(path), *SMALL, "--epochs", "0", "--output-dir", str(tmp_path / "run"),
+            "--num-stages", "2", "--inflate-stages", "9", "--down-stages", "9", "--weights", str(weights)]
+    with pytest.raises(SystemExit) as e:
+        brl.config_lib.run_main(brl.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and str(weights) in err[0] and "missing keys [blocks.1." in err[0]
+    res = brl.main(argv + ["--allow-partial-weights"])
+    assert "missing ['blocks.1." in capsys.readouterr().out and np.isfinite(res["last"]["top1"])
+
+
+def test_a_diverging_loss_names_the_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    path, names = _small_pickle(tmp_path)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss .* at epoch 0 iteration \d+ .*batch frame_dirs \['S001"):
+        brl.main(["--ann-file", str(path), *SMALL, "--epochs", "1", "--lr", "1e30", "--output-dir", str(tmp_path / "r")])
